@@ -4,6 +4,7 @@ The public API is what a plugin author needs; everything else is reached through
 modules themselves.
 """
 
+from .algorithm import Algorithm, AlgorithmConfig
 from .loss import LossConfig, LossOutput, PairLogps, PreferenceLoss, dpo_rewards
 from .plugins import hookimpl
 from .task import Task, TaskConfig, TaskContext, TaskData
@@ -11,6 +12,8 @@ from .task import Task, TaskConfig, TaskContext, TaskData
 __version__ = "0.1.0"
 
 __all__ = [
+    "Algorithm",
+    "AlgorithmConfig",
     "LossConfig",
     "LossOutput",
     "PairLogps",

@@ -4,7 +4,8 @@ A checkpoint is a directory ``<run>/checkpoints/step-<N>`` holding
 - ``trainable.safetensors``: the parameters that train (the LoRA adapter, or the whole model);
 - ``optimizer.pt``: the optimizer state (tensors and numbers only: loaded with ``weights_only=True``);
 - ``rng.safetensors``: the CPU (and CUDA) random-generator states, so dropout continues identically;
-- ``state.json``: the step, the loss plugin's running state and the trainer's counters.
+- ``state.json``: the step, the loss plugin's running state and the trainer's counters;
+- ``reference.safetensors``: a following reference's weights (``reference.sync``), when the run has one.
 It is written under a temporary name and renamed into place, so a crash (even SIGKILL) leaves either
 the previous checkpoints or a complete new one. Data order needs no saving: it is a function of the
 seed and the epoch.
@@ -22,7 +23,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ class TrainerState:
     step: int  # optimizer steps completed
     loss_state: dict[str, Any]
     extra: dict[str, Any]
+    # Named sets of tensors that are neither model nor optimizer (a following reference's weights), each
+    # written as <name>.safetensors by the main process.
+    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -75,6 +79,7 @@ def save_checkpoint(
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, str(tmp / "rng.safetensors"))
+    _save_tensors(tmp, state)
     (tmp / "state.json").write_text(
         json.dumps({"step": state.step, "loss_state": state.loss_state, "extra": state.extra}, indent=1)
     )
@@ -133,6 +138,7 @@ def save_accelerate_checkpoint(run_dir: Path, accelerator, state: TrainerState, 
         (tmp / "state.json").write_text(
             json.dumps({"step": state.step, "loss_state": state.loss_state, "extra": state.extra}, indent=1)
         )
+        _save_tensors(tmp, state)
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -153,6 +159,20 @@ def load_accelerate_checkpoint(path: Path, accelerator) -> TrainerState:
     accelerator.load_state(str(path))
     meta = json.loads((path / "state.json").read_text())
     return TrainerState(meta["step"], meta.get("loss_state", {}), meta.get("extra", {}))
+
+
+def _save_tensors(directory: Path, state: TrainerState) -> None:
+    for name, tensors in state.tensors.items():
+        save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(directory / f"{name}.safetensors"))
+
+
+def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """A named tensor set of checkpoint ``path`` (see ``TrainerState.tensors``)."""
+    file = path / f"{name}.safetensors"
+    if not file.exists():
+        raise PrefoptError(f"checkpoint {path} has no {file.name}; it was written by a run without this state "
+                           "(was reference.sync added?); use a new output.dir")
+    return load_file(str(file))
 
 
 def _fsync_dir(path: Path) -> None:

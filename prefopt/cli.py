@@ -4,6 +4,10 @@
     prefopt validate RECIPE [dotted.key=value ...]  report every recipe problem at once
     prefopt list                                     every registered plugin
     prefopt data RECIPE [dotted.key=value ...]      build (or find) the recipe's task data and print its paths
+    prefopt extrapolate SFT ALIGNED --out DIR (--alpha A | --paper-alpha A)
+                                                     ExPO: write SFT + alpha * (ALIGNED - SFT), a new model
+    prefopt bench BENCH [--only ENTRY ...] [--report-only]
+                                                     train and evaluate variants x seeds; leaderboard and plots
 
 A mistake the user can fix ends with one line on stderr and exit status 2, never a traceback.
 """
@@ -34,7 +38,35 @@ def _parser() -> argparse.ArgumentParser:
     data = with_recipe("data", "Build the recipe's task data (if any) and print where it is.")
     data.add_argument("--no-progress", action="store_true")
     commands.add_parser("list", help="List registered plugins: kind, name, package, paper, summary.")
+    _add_extrapolate(commands)
+    _add_bench(commands)
     return parser
+
+
+def _add_bench(commands) -> None:
+    help = "Compare variants x seeds on one recipe: train, evaluate, write a leaderboard with plots."
+    sub = commands.add_parser("bench", help=help, description=help)
+    sub.add_argument("recipe", metavar="BENCH", help="a bench recipe, e.g. recipes/bench/frontier-reduced.yaml")
+    sub.add_argument("--only", nargs="+", metavar="ENTRY", help="run only these entries (the report shows all results)")
+    sub.add_argument("--report-only", action="store_true",
+                     help="train nothing: rebuild the leaderboard and plots from results.jsonl")
+    sub.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and CI)")
+
+
+def _add_extrapolate(commands) -> None:
+    help = "ExPO (arXiv:2404.16792): write SFT + alpha * (ALIGNED - SFT) as a new model."
+    sub = commands.add_parser("extrapolate", help=help, description=help)
+    sub.add_argument("sft", metavar="SFT", help="the SFT model: hub id, local directory or smollm2-135m-instruct")
+    sub.add_argument("aligned", metavar="ALIGNED", help="the aligned model trained from SFT, or a PEFT adapter dir")
+    sub.add_argument("--out", required=True, metavar="DIR", help="output directory (Hugging Face format)")
+    # Not an argparse group: "exactly one of" is checked in cmd_extrapolate so that a mistake is one line.
+    sub.add_argument("--alpha", type=float, metavar="A", help="weight on the difference: 1 = ALIGNED, 1.3 = ExPO")
+    sub.add_argument("--paper-alpha", type=float, metavar="A", help="the paper's alpha: --alpha 1+A (e.g. 0.3)")
+    sub.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                     help="precision to load and save in; the arithmetic is float32 (default: float32)")
+    sub.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the models")
+    sub.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    sub.add_argument("--no-progress", action="store_true")
 
 
 def cmd_validate(args) -> int:
@@ -62,11 +94,11 @@ def cmd_list(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .engine import train
+    from .engine import run
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    summary = train(recipe, show_progress=not args.no_progress)
+    summary = run(recipe, show_progress=not args.no_progress)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # one report per run, not one per process
@@ -105,7 +137,46 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "validate": cmd_validate, "list": cmd_list, "data": cmd_data}
+def cmd_extrapolate(args) -> int:
+    from .extrapolate import extrapolate
+
+    if (args.alpha is None) == (args.paper_alpha is None):
+        raise PrefoptError("extrapolate: give exactly one of --alpha A or --paper-alpha A (= --alpha 1+A)")
+    alpha = args.alpha if args.alpha is not None else 1 + args.paper_alpha
+    out = extrapolate(args.sft, args.aligned, args.out, alpha=alpha, dtype=args.dtype,
+                      trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
+                      show_progress=not args.no_progress)
+    print(f"wrote {out}: SFT + {alpha:g} * (ALIGNED - SFT)  (paper alpha {alpha - 1:g})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench.recipe import load_bench
+
+    if args.report_only:
+        from .bench.report import write_report
+        from .bench.results import read_results
+
+        bench = load_bench(args.recipe, with_runs=False)
+        report = write_report(bench, read_results(bench.dir))
+        print(f"leaderboard: {report['markdown']}  {report['html']}")
+        return 0
+    from .bench.runner import run_bench
+
+    outcome = run_bench(load_bench(args.recipe), only=args.only, show_progress=not args.no_progress)
+    print(f"results: {len(outcome.rows)} runs in {outcome.report['markdown'].parent / 'results.jsonl'}")
+    print(f"leaderboard: {outcome.report['markdown']}  {outcome.report['html']}")
+    if outcome.failures:
+        print(f"prefopt: error: {len(outcome.failures)} runs failed (rerun the same command to retry them):",
+              file=sys.stderr)
+        for line in outcome.failures:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "validate": cmd_validate, "list": cmd_list, "data": cmd_data,
+            "extrapolate": cmd_extrapolate, "bench": cmd_bench}
 
 
 def _quiet_libraries() -> None:

@@ -16,7 +16,6 @@ exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib.util
 import json
 import logging
@@ -26,7 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -36,14 +35,15 @@ from .batching import PreferenceBatch, collate_pairs
 from .data import for_loss, load_rows, to_examples, tokenize_examples
 from .data.types import TokenizedPairs
 from .errors import PrefoptError
+from .layouts import row_length
 from .logprobs import SequenceLogps, sequence_logps
 from .loss import PairLogps, PreferenceLoss
 from .metrics import PairMetrics
-from .model import add_lora, base_weights_fingerprint, is_peft, load_causal_lm, load_tokenizer, resolve_model_path
+from .model import add_lora, is_peft, load_causal_lm, load_tokenizer, resolve_model_path
 from .paths import cache_dir
 from .plugins import Plugins, default_plugins
-from .recipe import build_loss, dump_recipe
-from .reference import CachedReference, LiveReference, build_cache, cache_key, cache_path
+from .recipe import build_algorithm, build_loss, dump_recipe
+from .reference_setup import References, assemble, build_extra_caches, build_primary, check_reference_recipe, sync_due
 from .task import Task, TaskContext, TaskData
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,7 @@ class Run:
     loss: PreferenceLoss
     train_pairs: TokenizedPairs
     eval_pairs: TokenizedPairs | None
-    reference: Any  # callable batch -> SequenceLogps, or None when the loss needs none
-    eval_reference: Any
+    references: References | None  # None when the loss needs no reference
     task: Task | None
     task_data: TaskData | None
     start_step: int
@@ -71,6 +70,15 @@ class Run:
     steps_per_epoch: int
     accumulation: int
     summary: dict = field(default_factory=dict)
+
+    @property
+    def reference(self):
+        """The training references (batch -> one SequenceLogps per reference), or None."""
+        return self.references.train if self.references is not None else None
+
+    @property
+    def eval_reference(self):
+        return self.references.eval if self.references is not None else None
 
     @property
     def is_main(self) -> bool:
@@ -85,12 +93,21 @@ class Run:
 # setup
 
 
-def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True) -> Run:
+def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
+          select_train: Callable[[TokenizedPairs, Any], TokenizedPairs] | None = None,
+          data_model: str | None = None) -> Run:
+    """Everything a run needs, from a recipe. For algorithm plugins, which run the engine in phases:
+    ``select_train(pairs, rows)`` picks the training pairs of this phase (``rows`` are the source rows the
+    pairs' ``row`` numbers index), and ``data_model`` is the model a task builds its data with (default: the
+    policy's initial model), so every phase trains on the same data."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
     plugins = plugins or default_plugins()
+    if recipe.algorithm is not None:
+        raise PrefoptError(f"this recipe runs algorithm {recipe.algorithm.name!r}: use prefopt.engine.run (or "
+                           "`prefopt train`), which drives the engine through it")
     run_dir = Path(recipe.output.dir)
     # accelerate keeps one global state per process; runs in one process (benchmarks, tests) each set their
     # own precision, so start from a clean one. The process group (PartialState) is kept.
@@ -120,6 +137,10 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True)
     # The loss comes first: its construction can fail on options, and the data takes the shape it declares
     # (pairs, or unpaired examples).
     loss = build_loss(recipe, plugins)
+    if loss.requires_reference:
+        check_reference_recipe(recipe, loss, _sharded_params(accelerator))
+    elif recipe.reference.extra or recipe.reference.sync is not None:
+        raise PrefoptError(f"loss {loss.name!r} uses no reference; remove reference.extra and reference.sync")
 
     # Model and tokenizer. The embedded default is converted once into the cache on first use.
     with accelerator.main_process_first():
@@ -141,17 +162,31 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True)
     # Data: a task builds preference files; otherwise the recipe names a dataset.
     task, task_data = None, None
     if recipe.data.task is not None:
+        data_model_path, load_data_model = model_path, lambda: initial_policy().eval()
+        if data_model is not None and resolve_model_path(data_model) != model_path:
+            data_model_path = resolve_model_path(data_model)
+            load_data_model = lambda: load_causal_lm(  # noqa: E731
+                data_model_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code).eval()
         with accelerator.main_process_first():
-            task, task_data = build_task_data(recipe, plugins, model_path, tokenizer,
-                                              lambda: initial_policy().eval(), show_progress)
+            task, task_data = build_task_data(recipe, plugins, data_model_path, tokenizer, load_data_model,
+                                              show_progress)
         train_source, eval_source = (str(task_data.train), "train"), (str(task_data.eval), "train")
     else:
         train_source = (recipe.data.path, recipe.data.train_split)
         eval_source = (recipe.data.path, recipe.data.eval_split) if recipe.data.eval_split else None
-    train_pairs = _tokenized(recipe, tokenizer, *train_source, recipe.data.max_train_pairs, loss, say)
+    train_pairs = _tokenized(recipe, tokenizer, *train_source, recipe.data.max_train_pairs, loss, say, select_train)
     eval_pairs = (
         _tokenized(recipe, tokenizer, *eval_source, recipe.data.max_eval_pairs, loss, say) if eval_source else None
     )
+
+    # Extra references (multi-reference losses) go into the cache now, one model at a time, so none of them
+    # is in memory beside the policy.
+    extra_caches, extra_info = [], []
+    if recipe.reference.extra:
+        extra_caches, extra_info = build_extra_caches(
+            recipe, tokenizer, [train_pairs, eval_pairs], accelerator.device, show_progress, say,
+            accelerator.main_process_first,
+        )
 
     policy = initial_policy().train()
     if m.lora is not None:
@@ -160,12 +195,14 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True)
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.to(accelerator.device)
 
-    reference = eval_reference = None
+    references = None
     summary: dict[str, Any] = {"reference": None}
     if loss.requires_reference:
-        reference, eval_reference, summary["reference"] = _make_reference(
+        primary_train, primary_eval, following, info = build_primary(
             recipe, accelerator, policy, tokenizer, train_pairs, eval_pairs, show_progress, say
         )
+        references = assemble(primary_train, primary_eval, following, extra_caches, info, extra_info)
+        summary["reference"] = references.info
 
     trainable = [p for p in policy.parameters() if p.requires_grad]
     t = recipe.train
@@ -201,6 +238,8 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True)
         else:
             state = ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(policy), optimizer)
         loss.load_state_dict(state.loss_state)
+        if references is not None and references.train.following is not None:
+            references.train.following.weights.load_state_dict(ckpt.load_tensors(resume_from, "reference"))
         start_step = state.step
         say(f"resuming from {resume_from} (step {start_step} of {total_steps})")
     if accelerator.is_main_process:
@@ -211,8 +250,8 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True)
 
     return Run(
         recipe=recipe, accelerator=accelerator, run_dir=run_dir, tokenizer=tokenizer, policy=policy,
-        optimizer=optimizer, loss=loss, train_pairs=train_pairs, eval_pairs=eval_pairs, reference=reference,
-        eval_reference=eval_reference, task=task, task_data=task_data, start_step=start_step,
+        optimizer=optimizer, loss=loss, train_pairs=train_pairs, eval_pairs=eval_pairs, references=references,
+        task=task, task_data=task_data, start_step=start_step,
         total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         accumulation=t.batch_size // (t.micro_batch_size * world), summary=summary,
     )
@@ -325,7 +364,7 @@ def build_task_data(recipe, plugins: Plugins, model_path: str, tokenizer, load_m
 
 
 def _tokenized(recipe, tokenizer, path: str, split: str, limit: int | None, loss: PreferenceLoss,
-               say) -> TokenizedPairs:
+               say, select=None) -> TokenizedPairs:
     d = recipe.data
     rows = load_rows(path, split, d.subset, recipe.model.trust_remote_code)
     source = f"{path} (split {split})"
@@ -344,67 +383,19 @@ def _tokenized(recipe, tokenizer, path: str, split: str, limit: int | None, loss
                             for reason, n in pairs.skipped.items())
         note = f", left out {sum(pairs.skipped.values())}: {reasons}"
     say(f"data: {source}: {pairs.describe()}{note}")
+    if select is not None:
+        pairs = select(pairs, rows)
     return pairs
-
-
-def _make_reference(recipe, accelerator, policy, tokenizer, train_pairs, eval_pairs, show_progress, say):
-    """The reference for training and evaluation, and a description of it for the summary."""
-    r = recipe.reference
-    kind = "cache" if r.kind == "auto" else r.kind
-    chunk = recipe.train.logprob_chunk_size
-    autocast = accelerator.autocast
-    if r.path is not None:
-        ref_model = load_causal_lm(
-            resolve_model_path(r.path), dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code
-        ).to(accelerator.device)
-        ref_model.requires_grad_(False)
-        live = LiveReference(ref_model, chunk_size=chunk, autocast=autocast)
-        source = r.path
-    elif is_peft(policy):
-        live = LiveReference(policy, disable_adapter=True, chunk_size=chunk, autocast=autocast)
-        source = "policy with its LoRA adapter disabled"
-    elif kind == "live":
-        ref_model = copy.deepcopy(policy).requires_grad_(False)
-        live = LiveReference(ref_model, chunk_size=chunk, autocast=autocast)
-        source = "frozen copy of the initial policy"
-    else:
-        # The policy has not trained yet, so it *is* the initial model: no copy needed to fill the cache.
-        live = LiveReference(policy, chunk_size=chunk, autocast=autocast)
-        source = "initial policy"
-    info: dict[str, Any] = {"kind": kind, "source": source}
-    if kind == "live":
-        say(f"reference: {source}, computed live every step")
-        return live, live, info
-
-    fingerprint = base_weights_fingerprint(live.model)
-    dtype = f"{recipe.model.dtype}/{recipe.train.mixed_precision}"
-    caches = []
-    for pairs in (train_pairs, eval_pairs):
-        if pairs is None:
-            caches.append(None)
-            continue
-        path = cache_path(cache_key(fingerprint, pairs, dtype))
-        hit = path.exists()
-        with accelerator.main_process_first():  # one process builds, the others then find it
-            if not path.exists():
-                say(f"reference: computing log-probs of {len(pairs)} pairs once into {path}")
-                build_cache(live, pairs, path, batch_size=r.batch_size, pad_id=tokenizer.pad_token_id,
-                            device=accelerator.device, show_progress=show_progress)
-        say(f"reference: {'reusing' if hit else 'built'} cache {path}")
-        caches.append(CachedReference(path))
-        info.setdefault("caches", []).append({"path": str(path), "hit": hit})
-    info["forward_passes"] = live.forward_passes
-    return caches[0], caches[1], info
 
 
 # ----------------------------------------------------------------------------------------------------------
 # one micro-batch
 
 
-def pair_logps(policy: SequenceLogps, reference: SequenceLogps | None, loss: PreferenceLoss,
+def pair_logps(policy: SequenceLogps, references: list[SequenceLogps] | None, loss: PreferenceLoss,
                labels: torch.Tensor | None = None) -> PairLogps:
-    """Assemble what the loss declared it needs from the policy's and reference's results; ``labels``
-    (the batch's, for unpaired examples) are passed through."""
+    """Assemble what the loss declared it needs from the policy's and the references' results (primary
+    reference first); ``labels`` (the batch's, for unpaired examples) are passed through."""
     chosen, rejected = policy.split()
     fields: dict[str, Any] = dict(
         policy_chosen=chosen.sums, policy_rejected=rejected.sums,
@@ -421,12 +412,16 @@ def pair_logps(policy: SequenceLogps, reference: SequenceLogps | None, loss: Pre
             policy_chosen_token_log_collision=chosen.token_log_collision,
             policy_rejected_token_log_collision=rejected.token_log_collision,
         )
-    if reference is not None:
-        ref_chosen, ref_rejected = reference.split()
+    if references:
+        ref_chosen, ref_rejected = references[0].split()
         fields.update(ref_chosen=ref_chosen.sums, ref_rejected=ref_rejected.sums)
         if token_level:
             fields.update(ref_chosen_token_logps=ref_chosen.token_logps,
                           ref_rejected_token_logps=ref_rejected.token_logps)
+        if loss.multi_reference:
+            halves = [r.split() for r in references]
+            fields.update(refs_chosen=torch.stack([c.sums for c, _ in halves]),
+                          refs_rejected=torch.stack([r.sums for _, r in halves]))
     return PairLogps(**fields)
 
 
@@ -434,7 +429,7 @@ def forward_pairs(run: Run, batch: PreferenceBatch, reference, model=None) -> tu
     """The loss of one batch under ``model`` (default: the prepared policy)."""
     policy_logps = sequence_logps(
         run.policy if model is None else model, batch, chunk_size=run.recipe.train.logprob_chunk_size,
-        collision=run.loss.requires_token_log_collision,
+        collision=run.loss.requires_token_log_collision, layout=run.recipe.train.layout,
     )
     reference_logps = reference(batch) if reference is not None else None
     logps = pair_logps(policy_logps, reference_logps, run.loss, batch.labels)
@@ -446,12 +441,37 @@ def forward_pairs(run: Run, batch: PreferenceBatch, reference, model=None) -> tu
 
 
 def step_pairs(run: Run, step: int) -> list[int]:
-    """The pairs of optimizer step ``step`` (all processes): a seeded permutation per epoch, cut in order."""
-    epoch, k = divmod(step, run.steps_per_epoch)
-    generator = torch.Generator().manual_seed(run.recipe.seed * 1_000_003 + epoch)
-    order = torch.randperm(len(run.train_pairs), generator=generator)
-    size = run.recipe.train.batch_size
-    return order[k * size : (k + 1) * size].tolist()
+    """The pairs of optimizer step ``step`` (all processes)."""
+    return planned_pairs(run.recipe.seed, len(run.train_pairs), run.recipe.train.batch_size, step)
+
+
+def planned_pairs(seed: int, num_pairs: int, batch_size: int, step: int) -> list[int]:
+    """The pairs of optimizer step ``step``: a seeded permutation per epoch, cut in order into full batches."""
+    steps_per_epoch = num_pairs // batch_size
+    epoch, k = divmod(step, steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_pairs, generator=generator)
+    return order[k * batch_size : (k + 1) * batch_size].tolist()
+
+
+def process_micro_batches(run: Run, step: int) -> list[list[int]]:
+    """This process's micro-batches of step ``step``.
+
+    With ``train.group_by_length`` the step's pairs are sorted by length first, so each micro-batch holds
+    pairs of similar length and little padding; the sorted micro-batches are dealt to the processes in
+    turn, so every process gets as many and of similar lengths. Either way the step's set of pairs, and so
+    its update, is the same.
+    """
+    acc, t = run.accelerator, run.recipe.train
+    pairs = step_pairs(run, step)
+    if not t.group_by_length:
+        share = len(pairs) // acc.num_processes
+        mine = pairs[acc.process_index * share : (acc.process_index + 1) * share]
+        return [mine[i : i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
+    # A stable sort: ties keep the seeded order, so a resumed run forms the same micro-batches.
+    by_length = sorted(pairs, key=lambda j: row_length(run.train_pairs.pairs[j], t.layout))
+    micro_batches = [by_length[i : i + t.micro_batch_size] for i in range(0, len(by_length), t.micro_batch_size)]
+    return micro_batches[acc.process_index :: acc.num_processes]
 
 
 def learning_rate(run: Run, step: int) -> float:
@@ -469,10 +489,7 @@ def learning_rate(run: Run, step: int) -> float:
 def train_step(run: Run, step: int) -> dict[str, float]:
     """One optimizer step; returns the step's metrics averaged over all its pairs."""
     acc, t = run.accelerator, run.recipe.train
-    mine = step_pairs(run, step)
-    share = len(mine) // acc.num_processes
-    mine = mine[acc.process_index * share : (acc.process_index + 1) * share]
-    micro_batches = [mine[i : i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
+    micro_batches = process_micro_batches(run, step)
     # Sum of per-pair losses over the global step, times the world size because DDP averages gradients.
     scale = acc.num_processes / t.batch_size
     lr = learning_rate(run, step)
@@ -500,6 +517,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if sync_due(run.recipe, step + 1):
+        sync = run.recipe.reference.sync
+        run.reference.following.sync(1.0 if sync.mode == "hard" else sync.alpha)
 
     elapsed = time.perf_counter() - started
     metrics.totals["tokens"] = tokens  # summed over processes with the metrics, in the same collective call
@@ -592,7 +612,10 @@ def save(run: Run, step: int) -> None:
     """A checkpoint. Under DDP every process holds the same weights and optimizer state, so the main process
     writes them; the loss's running state is the main process's too (each process keeps its own). Under FSDP
     and DeepSpeed every process writes its part through accelerate."""
-    state = ckpt.TrainerState(step=step, loss_state=run.loss.state_dict(), extra={})
+    tensors = {}
+    if run.reference is not None and run.reference.following is not None:
+        tensors["reference"] = run.reference.following.weights.state_dict()  # the followed weights
+    state = ckpt.TrainerState(step=step, loss_state=run.loss.state_dict(), extra={}, tensors=tensors)
     keep = run.recipe.train.keep_checkpoints
     if _engine_state(run.accelerator):
         path = ckpt.save_accelerate_checkpoint(run.run_dir, run.accelerator, state, keep)
@@ -608,8 +631,9 @@ def save(run: Run, step: int) -> None:
 # finish
 
 
-def finish(run: Run) -> dict:
-    """Final evaluation, the model in Hugging Face format, and ``summary.json``."""
+def finish(run: Run, *, end_training: bool = True) -> dict:
+    """Final evaluation, the model in Hugging Face format, and ``summary.json``. ``end_training=False`` keeps
+    the process group for another phase (an algorithm's next stage)."""
     final = {**evaluate_pairs(run), **evaluate_task(run)}
     _record(run, run.run_dir / "metrics.jsonl", run.total_steps, final)
     if final:
@@ -629,7 +653,11 @@ def finish(run: Run) -> dict:
     )
     if run.is_main:
         (run.run_dir / "summary.json").write_text(json.dumps(run.summary, indent=1))
-    run.accelerator.end_training()  # also ends the process group, so a distributed run exits cleanly
+    if end_training:
+        run.accelerator.end_training()  # also ends the process group, so a distributed run exits cleanly
+    else:
+        for tracker in run.accelerator.trackers:
+            tracker.finish()
     return run.summary
 
 
@@ -655,11 +683,22 @@ def save_model(run: Run) -> Path:
     return target
 
 
-def train(recipe, plugins: Plugins | None = None, *, show_progress: bool = True) -> dict:
-    """Run a recipe end to end; returns the run summary (also written to ``<output.dir>/summary.json``)."""
-    run = setup(recipe, plugins, show_progress=show_progress)
+def run(recipe, plugins: Plugins | None = None, *, show_progress: bool = True) -> dict:
+    """What ``prefopt train`` does: the recipe's algorithm plugin, or one pass of the engine."""
+    plugins = plugins or default_plugins()
+    algorithm = build_algorithm(recipe, plugins)
+    if algorithm is None:
+        return train(recipe, plugins, show_progress=show_progress)
+    return algorithm.run(recipe, plugins, show_progress=show_progress)
+
+
+def train(recipe, plugins: Plugins | None = None, *, show_progress: bool = True, end_training: bool = True,
+          **setup_options) -> dict:
+    """Run a recipe end to end; returns the run summary (also written to ``<output.dir>/summary.json``).
+    ``setup_options`` go to ``setup`` (``select_train``, ``data_model``); ``end_training`` to ``finish``."""
+    run = setup(recipe, plugins, show_progress=show_progress, **setup_options)
     fit(run, show_progress=show_progress)
-    return finish(run)
+    return finish(run, end_training=end_training)
 
 
 # ----------------------------------------------------------------------------------------------------------

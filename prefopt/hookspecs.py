@@ -26,3 +26,11 @@ def prefopt_register_tasks() -> list[type]:
 
     .. versionadded:: 0.1
     """
+
+
+@hookspec
+def prefopt_register_algorithms() -> list[type]:
+    """Return ``prefopt.Algorithm`` subclasses (not instances) that recipes can name in ``algorithm.name``.
+
+    .. versionadded:: 0.2
+    """

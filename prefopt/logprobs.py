@@ -10,6 +10,9 @@ Models whose head does more than a linear map (logit soft-capping or scaling in 
 models whose forward has no ``logits_to_keep`` and models whose weights are sharded (FSDP, DeepSpeed
 ZeRO-3: outside the forward the head holds only this process's shard) take the plain path: full
 logits, log-softmax in chunks of rows. Both paths give the same numbers (tests/test_logprobs.py).
+
+Both paths run the batch in any layout of ``prefopt.layouts`` (padded, packed, prefix-shared) and read
+the predictions back in the padded layout's order, so results have the same shape whatever the layout.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .batching import PreferenceBatch
+from .layouts import LayoutInputs, layout_inputs
 
 # Config attributes that make the head more than a linear map; such models take the plain path.
 _HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -99,7 +103,8 @@ def _chunk_logps(head: nn.Module, hidden: Tensor, targets: Tensor, collision: bo
 
 
 def _head_path(
-    model: nn.Module, batch: PreferenceBatch, targets_mask: Tensor, chunk_size: int, collision: bool
+    model: nn.Module, batch: PreferenceBatch, inputs: LayoutInputs, targets_mask: Tensor, chunk_size: int,
+    collision: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the response targets (flat, row-major over ``targets_mask``), and optionally their
     distributions' log collision probabilities."""
@@ -110,15 +115,15 @@ def _head_path(
     )
     try:
         # Through the (possibly DDP-wrapped) model, so distributed hooks run; it computes no logits.
+        # use_cache=False also matters for packing: transformers detects packed sequences only without a cache.
         model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
+            **inputs.model_kwargs(),
             logits_to_keep=torch.empty(0, dtype=torch.long, device=batch.input_ids.device),
             use_cache=False,
         )
     finally:
         hook.remove()
-    hidden = captured[-1][:, :-1][targets_mask]  # (N, H): only positions that predict a response token
+    hidden = inputs.select(captured[-1], targets_mask)  # (N, H): only positions that predict a response token
     targets = batch.input_ids[:, 1:][targets_mask]
     head = inner.get_output_embeddings()
     pieces = []
@@ -141,9 +146,12 @@ def _concat(pieces: list, like: Tensor, collision: bool) -> tuple[Tensor, Tensor
 
 
 def _logits_path(
-    model: nn.Module, batch: PreferenceBatch, targets_mask: Tensor, chunk_size: int, collision: bool
+    model: nn.Module, batch: PreferenceBatch, inputs: LayoutInputs, targets_mask: Tensor, chunk_size: int,
+    collision: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logits = model(**inputs.model_kwargs(), use_cache=False).logits
+    if inputs.source is not None:
+        return _gathered_logits_logps(logits, inputs, batch, targets_mask, chunk_size, collision)
     logits = logits[:, :-1]
     targets = batch.input_ids[:, 1:]
     rows_per_chunk = max(1, chunk_size // max(1, logits.shape[1]))
@@ -156,6 +164,22 @@ def _logits_path(
     return _concat(pieces, logits, collision)
 
 
+def _gathered_logits_logps(
+    logits: Tensor, inputs: LayoutInputs, batch: PreferenceBatch, targets_mask: Tensor, chunk_size: int,
+    collision: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The logits path for a non-padded layout: the predicting positions are gathered from the flat
+    (R * L, V) logits ``chunk_size`` at a time, so only a chunk is ever in float32."""
+    flat_logits = logits.flatten(0, 1)
+    sources = inputs.source[targets_mask]
+    targets = batch.input_ids[:, 1:][targets_mask]
+    pieces = []
+    for start in range(0, targets.numel(), chunk_size):
+        rows = sources[start : start + chunk_size]
+        pieces.append(_selected_logps(flat_logits[rows].float(), targets[start : start + chunk_size], collision))
+    return _concat(pieces, logits, collision)
+
+
 def sequence_logps(
     model: nn.Module,
     batch: PreferenceBatch,
@@ -163,17 +187,20 @@ def sequence_logps(
     chunk_size: int = 1024,
     use_head_path: bool | None = None,
     collision: bool = False,
+    layout: str = "padded",
 ) -> SequenceLogps:
     """Summed and per-token response log-probs of every row of ``batch`` under ``model``.
 
     ``collision`` also returns each response position's log sum_v p_v^2 (for WPO); it costs one more
-    log-sum-exp over the vocabulary per token.
+    log-sum-exp over the vocabulary per token. ``layout`` is how the batch goes through the model
+    (``prefopt.layouts``); the results are the same for every layout, up to float summation order.
     """
     targets_mask = batch.response_mask[:, 1:]
     if use_head_path is None:
         use_head_path = supports_head_path(model)
+    inputs = layout_inputs(_inner_model(model), batch, layout)
     path = _head_path if use_head_path else _logits_path
-    flat, flat_collision = path(model, batch, targets_mask, chunk_size, collision)
+    flat, flat_collision = path(model, batch, inputs, targets_mask, chunk_size, collision)
     token_logps = torch.zeros(targets_mask.shape, dtype=flat.dtype, device=flat.device)
     token_logps = token_logps.masked_scatter(targets_mask, flat)
     token_log_collision = None

@@ -50,6 +50,10 @@ class PairLogps:
     policy_chosen_token_log_collision: Tensor | None = None
     policy_rejected_token_log_collision: Tensor | None = None
     labels: Tensor | None = None  # bool (B,): desirable or not; only for a loss that declares ``unpaired``
+    # Every reference's summed log-probs, (K, B): row 0 is the primary reference (the one in ``ref_chosen``),
+    # rows 1.. the models in the recipe's ``reference.extra``, in order. Only for a ``multi_reference`` loss.
+    refs_chosen: Tensor | None = None
+    refs_rejected: Tensor | None = None
 
     @property
     def policy_chosen_mean(self) -> Tensor:
@@ -101,6 +105,9 @@ class PreferenceLoss(abc.ABC):
     # "rejected" sequence, and ``PairLogps.labels`` is set (see PairLogps). A paired loss refuses
     # unpaired data.
     unpaired: ClassVar[bool] = False
+    # Reads several references at once (``PairLogps.refs_chosen``/``refs_rejected``); the recipe names the
+    # references beyond the primary one in ``reference.extra``. A single-reference loss refuses extras.
+    multi_reference: ClassVar[bool] = False
 
     def __init__(self, config: LossConfig) -> None:
         self.config = config

@@ -18,6 +18,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PrefoptError, did_you_mean
+from .algorithm import Algorithm
 from .loss import PreferenceLoss
 from .task import Task
 
@@ -98,9 +99,10 @@ class Plugins:
     manager: pluggy.PluginManager
     losses: Registry[PreferenceLoss]
     tasks: Registry[Task]
+    algorithms: Registry[Algorithm]
 
     def registries(self) -> list[Registry]:
-        return [self.losses, self.tasks]
+        return [self.losses, self.tasks, self.algorithms]
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
@@ -140,10 +142,11 @@ def load_plugins(autoload: bool | None = None, extra: list[str] | None = None) -
     except pluggy.PluginValidationError as exc:
         raise PrefoptError(f"plugin {pm.get_name(exc.plugin)!r} is invalid: {exc}") from exc
 
-    plugins = Plugins(pm, Registry("loss", PreferenceLoss), Registry("task", Task))
+    plugins = Plugins(pm, Registry("loss", PreferenceLoss), Registry("task", Task), Registry("algorithm", Algorithm))
     for hook_name, registry in (
         ("prefopt_register_losses", plugins.losses),
         ("prefopt_register_tasks", plugins.tasks),
+        ("prefopt_register_algorithms", plugins.algorithms),
     ):
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             for cls in impl.function() or []:

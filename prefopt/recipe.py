@@ -90,6 +90,26 @@ class DataConfig(Section):
         return self
 
 
+class SyncConfig(Section):
+    """A reference that follows the policy (TR-DPO, arXiv 2404.09656): every ``every`` optimizer steps,
+    ref <- alpha * policy + (1 - alpha) * ref; hard sync is alpha = 1. An EMA of the policy with decay d is
+    mode soft, alpha 1 - d, every 1. Under LoRA only the adapter weights are followed."""
+
+    mode: Literal["hard", "soft"] = Field(..., description="hard: copy the policy; soft: mix alpha of it in.")
+    every: int = Field(512, ge=1, description="Optimizer steps between syncs (TR-DPO's tau).")
+    alpha: Optional[float] = Field(
+        None, gt=0, le=1, description="Soft sync: the policy's share of the new reference (TR-DPO: 0.6)."
+    )
+
+    @model_validator(mode="after")
+    def _alpha_for_mode(self) -> "SyncConfig":
+        if self.mode == "hard" and self.alpha not in (None, 1.0):
+            raise ValueError("reference.sync.alpha is for mode soft; a hard sync copies the policy (alpha 1)")
+        if self.mode == "soft" and self.alpha is None:
+            raise ValueError("reference.sync.alpha is required for mode soft (TR-DPO uses 0.6)")
+        return self
+
+
 class ReferenceConfig(Section):
     kind: Literal["auto", "cache", "live"] = Field(
         "auto",
@@ -100,6 +120,13 @@ class ReferenceConfig(Section):
         None, description="Reference weights; none means the policy's initial weights (LoRA: adapter disabled)."
     )
     batch_size: int = Field(8, ge=1, description="Pairs per forward while building the cache.")
+    extra: list[str] = Field(
+        [], description="More reference models (hub ids or local dirs) for a multi-reference loss such as "
+        "mrpo; each is computed once into the cache, so none is in memory while training.",
+    )
+    sync: Optional[SyncConfig] = Field(
+        None, description="Make the reference follow the policy: {mode: hard|soft, every: N, alpha: a} (TR-DPO)."
+    )
 
 
 class TrainConfig(Section):
@@ -120,6 +147,15 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast through accelerate.")
     logprob_chunk_size: int = Field(
         1024, ge=1, description="Response tokens scored per chunk; bounds the float32 logits held at once."
+    )
+    layout: Literal["padded", "packed", "prefix_shared"] = Field(
+        "padded",
+        description="How a batch goes through the model: padded rows; packed, every sequence in one row without "
+        "padding; or prefix_shared, one row per pair with the prompt computed once. All give the same numbers; "
+        "models that cannot confine attention as a layout needs use padded.",
+    )
+    group_by_length: bool = Field(
+        True, description="Sort each step's pairs by length before cutting micro-batches, for less padding."
     )
     log_every: int = Field(1, ge=1, description="Optimizer steps between metric lines.")
     eval_every: Optional[int] = Field(None, ge=1, description="Optimizer steps between held-out evaluations.")
@@ -167,6 +203,7 @@ def _tagged_union(registry: Registry, what: str) -> Any:
 def recipe_model(plugins: Plugins) -> type[BaseModel]:
     """The Recipe schema for the plugins that are loaded now."""
     task_spec = _tagged_union(plugins.tasks, "task") if len(plugins.tasks) else Any
+    algorithm_spec = _tagged_union(plugins.algorithms, "algorithm") if len(plugins.algorithms) else Any
     data_model = create_model("DataSection", __base__=DataConfig, task=(Optional[task_spec], None))
     return create_model(
         "Recipe",
@@ -175,6 +212,8 @@ def recipe_model(plugins: Plugins) -> type[BaseModel]:
         model=(ModelConfig, ModelConfig()),
         data=(data_model, ...),
         loss=(_tagged_union(plugins.losses, "loss"), ...),
+        algorithm=(Optional[algorithm_spec], Field(
+            None, description="Phases of training (e.g. {name: stepwise}); none: one pass of the engine.")),
         reference=(ReferenceConfig, ReferenceConfig()),
         train=(TrainConfig, TrainConfig()),
         eval=(EvalConfig, EvalConfig()),
@@ -254,19 +293,22 @@ def _describe(error: dict, schema: type[BaseModel], tree: dict, plugins: Plugins
         loc = (loc[0],) + loc[2:]
     if len(loc) >= 3 and loc[:2] == ("data", "task") and loc[2] in plugins.tasks:
         loc = loc[:2] + loc[3:]
+    if len(loc) >= 2 and loc[0] == "algorithm" and loc[1] in plugins.algorithms:
+        loc = (loc[0],) + loc[2:]
     path = ".".join(str(p) for p in loc) or "(recipe)"
     kind = error["type"]
     if kind == "extra_forbidden":
         parent = loc[:-1]
         siblings = _fields_at(schema, parent)
-        if parent and parent[0] == "loss":
-            name = (tree.get("loss") or {}).get("name")
-            if name in plugins.losses:
-                siblings = list(plugins.losses.get(name).Config.model_fields)
-                return f"{path}: unknown option of loss {name!r}{did_you_mean(loc[-1], siblings)}"
+        for section, registry in (("loss", plugins.losses), ("algorithm", plugins.algorithms)):
+            if parent and parent[0] == section:
+                name = (tree.get(section) or {}).get("name")
+                if name in registry:
+                    siblings = list(registry.get(name).Config.model_fields)
+                    return f"{path}: unknown option of {section} {name!r}{did_you_mean(loc[-1], siblings)}"
         return f"{path}: unknown key{did_you_mean(loc[-1], siblings)}"
     if kind in ("union_tag_invalid", "literal_error") and loc[-1:] == ("name",) or kind == "union_tag_invalid":
-        registry = plugins.tasks if loc[:2] == ("data", "task") else plugins.losses
+        registry = _registry_at(loc, plugins)
         given = error.get("input")
         if isinstance(given, dict):
             given = given.get("name")
@@ -275,7 +317,7 @@ def _describe(error: dict, schema: type[BaseModel], tree: dict, plugins: Plugins
             f"{did_you_mean(str(given), registry.names())}; registered: {', '.join(registry.names())}"
         )
     if kind == "union_tag_not_found":
-        registry = plugins.tasks if loc[:2] == ("data", "task") else plugins.losses
+        registry = _registry_at(loc, plugins)
         return f"{path}.name: missing; choose one of {', '.join(registry.names())}"
     if kind == "missing":
         return f"{path}: required but missing"
@@ -287,6 +329,12 @@ def _describe(error: dict, schema: type[BaseModel], tree: dict, plugins: Plugins
     return f"{path}: {message} (got {given!r})"
 
 
+def _registry_at(loc: tuple, plugins: Plugins) -> Registry:
+    if loc[:2] == ("data", "task"):
+        return plugins.tasks
+    return plugins.algorithms if loc[:1] == ("algorithm",) else plugins.losses
+
+
 def validate_tree(tree: dict, plugins: Plugins, source: str) -> BaseModel:
     schema = recipe_model(plugins)
     try:
@@ -296,6 +344,8 @@ def validate_tree(tree: dict, plugins: Plugins, source: str) -> BaseModel:
         raise RecipeError(source, list(dict.fromkeys(problems))) from None
     try:
         build_loss(recipe, plugins)  # a loss may check more than its schema can (a mixture's components)
+        if recipe.algorithm is not None:
+            build_algorithm(recipe, plugins).check(recipe)
     except PrefoptError as exc:
         raise RecipeError(source, [str(exc)]) from None
     return recipe
@@ -305,6 +355,14 @@ def build_loss(recipe: BaseModel, plugins: Plugins):
     """The recipe's loss plugin, constructed from its own Config (the recipe's copy also carries ``name``)."""
     loss_cls = plugins.losses.get(recipe.loss.name)
     return loss_cls(loss_cls.Config.model_validate(recipe.loss.model_dump(exclude={"name"})))
+
+
+def build_algorithm(recipe: BaseModel, plugins: Plugins):
+    """The recipe's algorithm plugin, or None for one pass of the engine."""
+    if recipe.algorithm is None:
+        return None
+    cls = plugins.algorithms.get(recipe.algorithm.name)
+    return cls(cls.Config.model_validate(recipe.algorithm.model_dump(exclude={"name"})))
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), plugins: Plugins | None = None) -> BaseModel:

@@ -39,14 +39,16 @@ class LiveReference:
     """Reference log-probs computed by a model on each call, without gradients, in eval mode.
 
     ``disable_adapter`` runs a PEFT policy with its adapter switched off: the base weights are the
-    reference, at no extra memory.
+    reference, at no extra memory. ``layout`` is the batch layout of its forward (``prefopt.layouts``).
     """
 
-    def __init__(self, model: nn.Module, *, disable_adapter: bool = False, chunk_size: int = 1024, autocast=None):
+    def __init__(self, model: nn.Module, *, disable_adapter: bool = False, chunk_size: int = 1024, autocast=None,
+                 layout: str = "padded"):
         self.model = model
         self.disable_adapter = disable_adapter
         self.chunk_size = chunk_size
         self.autocast = autocast or contextlib.nullcontext
+        self.layout = layout
         self.forward_passes = 0
 
     @torch.no_grad()
@@ -57,7 +59,7 @@ class LiveReference:
         try:
             with adapter_off, self.autocast():
                 self.forward_passes += 1
-                return sequence_logps(self.model, batch, chunk_size=self.chunk_size)
+                return sequence_logps(self.model, batch, chunk_size=self.chunk_size, layout=self.layout)
         finally:
             self.model.train(was_training)
 

@@ -1,7 +1,10 @@
 """The task contract: a source of preference data plus an evaluator of trained models.
 
 A task builds its dataset once (deterministically for a seed, cached on disk) and can score a policy
-on its held-out prompts with a ground-truth reward. Benchmarks compare variants through tasks.
+on its held-out prompts with a ground-truth reward. Benchmarks compare variants through tasks: they call
+``evaluate`` with the run's reference model (for the KL of the policy's samples to it) and with
+``EvalOptions`` (how much to sample, the same for every entry), and read the reward and the length under
+the keys the task names in ``reward_metric`` and ``length_metric``.
 """
 
 from __future__ import annotations
@@ -9,11 +12,14 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["Task", "TaskConfig", "TaskContext", "TaskData"]
+__all__ = ["KL_METRIC", "EvalOptions", "Task", "TaskConfig", "TaskContext", "TaskData", "completion_logps"]
+
+# The key under which ``Task.evaluate`` returns the KL estimate when it is given a reference model.
+KL_METRIC = "kl/sequence_mean"
 
 
 class TaskConfig(BaseModel):
@@ -42,6 +48,16 @@ class TaskData:
     eval: Path
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """How much ``Task.evaluate`` samples; None keeps the task's own setting. A benchmark passes the same
+    options for every entry, so all of them are scored on the same prompts with the same budget."""
+
+    num_prompts: int | None = None  # the first N held-out prompts
+    samples_per_prompt: int | None = None  # completions sampled per prompt
+    max_new_tokens: int | None = None  # length limit of each completion
+
+
 class Task(abc.ABC):
     """Base class of task plugins. Subclasses set ``name``, ``Config`` and a docstring whose first line
     is the summary ``prefopt list`` shows."""
@@ -49,6 +65,10 @@ class Task(abc.ABC):
     name: ClassVar[str]
     Config: ClassVar[type[TaskConfig]]
     paper: ClassVar[str] = ""
+    # Keys of evaluate()'s result holding the mean ground-truth reward and the mean completion length in
+    # tokens; benchmarks rank by the reward. None: the task reports no such metric.
+    reward_metric: ClassVar[str | None] = None
+    length_metric: ClassVar[str | None] = None
 
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
@@ -57,10 +77,53 @@ class Task(abc.ABC):
     def build(self, ctx: TaskContext) -> TaskData:
         """Build (or find in ``ctx.cache_dir``) the train and held-out preference files."""
 
-    def evaluate(self, model, tokenizer, data: TaskData) -> dict[str, float]:
-        """Score ``model`` on the held-out prompts of ``data``; keys are metric names. Optional."""
+    def evaluate(
+        self, model, tokenizer, data: TaskData, reference=None, options: EvalOptions | None = None
+    ) -> dict[str, float]:
+        """Score ``model`` on the held-out prompts of ``data``; keys are metric names. Optional.
+
+        With ``reference`` (a model sharing the tokenizer), a task that samples also returns ``KL_METRIC``:
+        the mean over samples y ~ model(.|x) of sum over y's tokens of log model(y|x) - log reference(y|x),
+        an unbiased estimate of the sequence-level KL(model || reference) when it samples at temperature 1
+        with no top-k or top-p (``completion_logps`` computes both terms). Tasks written before these
+        arguments existed take only (model, tokenizer, data); callers check the signature.
+        """
         return {}
 
     @classmethod
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+def completion_logps(
+    model, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, *, batch_size: int = 16,
+    chunk_size: int = 1024,
+) -> list[float]:
+    """Summed log-probability of each completion given its prompt under ``model``, exactly (no sampling).
+
+    ``sequences`` holds (prompt token ids, completion token ids) pairs; the completion's tokens are scored,
+    an EOS it ends with included (the decision to stop is part of the sample). Computed by
+    ``prefopt.logprobs.sequence_logps``, so the output head is applied in chunks, never to the whole batch.
+    """
+    import torch
+
+    from .batching import PreferenceBatch
+    from .logprobs import sequence_logps
+
+    sums: list[float] = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        width = max(len(prompt) + len(completion) for prompt, completion in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        response_mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for row, (prompt, completion) in enumerate(chunk):
+            length = len(prompt) + len(completion)
+            input_ids[row, :length] = torch.tensor([*prompt, *completion], dtype=torch.long)
+            attention_mask[row, :length] = 1
+            response_mask[row, len(prompt) : length] = True
+        # Rows are sequences, not pairs: the padded layout reads every row alike and ignores the pairing.
+        batch = PreferenceBatch(input_ids, attention_mask, response_mask, torch.arange(len(chunk)))
+        with torch.no_grad():
+            sums.extend(sequence_logps(model, batch.to(model.device), chunk_size=chunk_size).sums.tolist())
+    return sums

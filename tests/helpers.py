@@ -31,3 +31,35 @@ def validated(tree: dict):
     from prefopt.recipe import validate_tree
 
     return validate_tree(tree, default_plugins(), "test recipe")
+
+
+def kill_after(tree: dict, recipe_path: Path, marker: Path, timeout: float = 240) -> None:
+    """Start ``prefopt train`` on ``tree`` in a child process and SIGKILL it as soon as ``marker`` exists
+    (e.g. a checkpoint directory): a crash at the worst moment, with nothing flushed or cleaned up."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    recipe_path.write_text(yaml.safe_dump(tree))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefopt.cli", "train", str(recipe_path), "--no-progress"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + timeout
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss, from a run's metrics.jsonl."""
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}

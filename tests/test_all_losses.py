@@ -49,6 +49,9 @@ def test_one_step_raises_the_margin(name, tiny_model_dir, pairs_file, tmp_path):
     tree = tiny_recipe(tiny_model_dir, pairs_file, tmp_path / name,
                        train={"batch_size": 4, "micro_batch_size": 4, "learning_rate": 1e-3, "max_steps": 1})
     tree["loss"] = {"name": name, **OPTIONS.get(name, {})}  # each loss with its own defaults
+    if default_plugins().losses.get(name).multi_reference:
+        # a second reference equal to the first: the margin measured against the primary one is the loss's
+        tree["reference"] = {"extra": [str(tiny_model_dir)]}
     run = engine.setup(validated(tree), show_progress=False)
     indices = engine.step_pairs(run, 0)
     before = _mean_margin(run, indices)

@@ -179,3 +179,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("variant", ["stepwise", "trdpo"])
+def test_two_processes_run_stages_and_a_following_reference_like_one(variant, two_processes, tmp_path, monkeypatch):
+    """sDPO's stages keep the process group between stages; TR-DPO's syncs happen on every process alike."""
+    _, tree, cache = two_processes
+    extra = {"stepwise": {"algorithm": {"name": "stepwise", "stages": 2, "split": "random"}},
+             "trdpo": {"reference": {"sync": {"mode": "soft", "alpha": 0.5, "every": 1}}}}[variant]
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(yaml.safe_dump({**tree(tmp_path / "two"), **extra}))
+    env = {**os.environ, "PREFOPT_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    done = _launch("ddp_cpu.yaml", recipe, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setenv("PREFOPT_CACHE", str(cache))
+    engine.run(validated({**tree(tmp_path / "one"), **extra}), show_progress=False)
+    runs = ["stages/stage-1", "stages/stage-2"] if variant == "stepwise" else ["."]
+    for run in runs:
+        two_losses, one_losses = _losses(tmp_path / "two" / run), _losses(tmp_path / "one" / run)
+        assert list(two_losses) == list(one_losses) and one_losses
+        for step, value in one_losses.items():
+            assert two_losses[step] == pytest.approx(value, rel=0, abs=1e-5), (run, step)

@@ -12,6 +12,9 @@ Per prompt the policy's initial model samples ``completions_per_prompt`` continu
 highest-scoring one is ``chosen`` and the lowest ``rejected``; prompts whose best and worst score tie
 are skipped (and counted in ``task.json``). The reward scores the continuation alone, since the
 prompt is the same for both responses and only the continuation is the policy's doing.
+
+The held-out split (its prompts, its pairs and the samples ``evaluate`` scores) follows the recipe seed
+unless ``eval_seed`` is set; benchmarks set it, so runs of every seed are scored on the same prompts.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from pydantic import Field, model_validator
@@ -42,6 +45,7 @@ from tqdm.auto import tqdm
 from prefopt import Task, TaskConfig, TaskContext, TaskData, hookimpl
 from prefopt.errors import PrefoptError
 from prefopt.paths import cache_dir, publish, staging_dir
+from prefopt.task import KL_METRIC, EvalOptions, completion_logps
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +171,12 @@ class SentimentConfig(TaskConfig):
     eval_samples_per_prompt: int = Field(
         1, ge=1, le=16, description="Continuations evaluate() samples per held-out prompt to score a policy."
     )
+    eval_seed: Optional[int] = Field(
+        None,
+        ge=0,
+        description="Seed of the held-out split: its prompts, its pairs and the samples evaluate() scores. "
+        "None: the recipe seed. Set it to score runs of different seeds on the same held-out prompts.",
+    )
 
     @model_validator(mode="after")
     def _prompt_words_ordered(self) -> "SentimentConfig":
@@ -194,6 +204,8 @@ class Completion:
 
     text: str
     num_tokens: int  # generated tokens before EOS
+    prompt_ids: tuple[int, ...] = ()  # the prompt as the model saw it
+    token_ids: tuple[int, ...] = ()  # the sampled tokens, the EOS that ended them included
 
 
 class SentimentTask(Task):
@@ -205,6 +217,8 @@ class SentimentTask(Task):
         "Rafailov et al. 2023, Direct Preference Optimization, arXiv:2305.18290 (§6.1); "
         "Hutto & Gilbert 2014, VADER, ICWSM"
     )
+    reward_metric = "reward/vader_mean"
+    length_metric = "length/mean_tokens"
     config: SentimentConfig
 
     def build(self, ctx: TaskContext) -> TaskData:
@@ -222,38 +236,64 @@ class SentimentTask(Task):
         publish(staging, out_dir, lambda target: (target / _MANIFEST).is_file())
         return data
 
-    def evaluate(self, model, tokenizer, data: TaskData) -> dict[str, float]:
-        """Mean VADER reward and length of the policy's continuations of the held-out prompts."""
+    def evaluate(
+        self, model, tokenizer, data: TaskData, reference=None, options: EvalOptions | None = None
+    ) -> dict[str, float]:
+        """Mean VADER reward and length of the policy's continuations of the held-out prompts; with
+        ``reference``, also the KL of those continuations to it (see ``Task.evaluate``)."""
         out_dir = data.eval.parent
         if not (out_dir / _MANIFEST).is_file():
             raise PrefoptError(f"{out_dir} holds no {_MANIFEST}: evaluate() needs data built by this task's build()")
         manifest = json.loads((out_dir / _MANIFEST).read_text())
+        options = options or EvalOptions()
         prompts = [Prompt(**row) for row in _read_jsonl(out_dir / _EVAL_PROMPTS)]
+        if options.num_prompts is not None:
+            if options.num_prompts > len(prompts):
+                raise PrefoptError(
+                    f"asked to evaluate on {options.num_prompts} prompts, but {out_dir / _EVAL_PROMPTS} holds "
+                    f"{len(prompts)} held-out prompts; ask for fewer or raise data.task.num_eval_prompts"
+                )
+            prompts = prompts[: options.num_prompts]
         completions = self._sample(
-            model, tokenizer, prompts, self.config.eval_samples_per_prompt, seed=manifest["seed"], purpose="evaluate"
-        )
+            model, tokenizer, prompts, options.samples_per_prompt or self.config.eval_samples_per_prompt,
+            seed=self._eval_seed(manifest["seed"]), purpose="evaluate", max_new_tokens=options.max_new_tokens,
+        )  # fmt: skip
         flat = [c for per_prompt in completions for c in per_prompt]
         rewards = vader_reward([c.text for c in flat])
-        return {
+        metrics = {
             "reward/vader_mean": statistics.fmean(rewards),
             "reward/vader_std": statistics.pstdev(rewards),
             "length/mean_tokens": statistics.fmean(c.num_tokens for c in flat),
         }
+        if reference is not None:
+            # The same sampled tokens scored by both models: an unbiased estimate of KL(policy || reference)
+            # when sampling is plain (temperature 1, no top-k or top-p, the defaults).
+            sequences = [(c.prompt_ids, c.token_ids) for c in flat]
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            policy_logps = completion_logps(model, sequences, pad_id)
+            reference_logps = completion_logps(reference, sequences, pad_id)
+            metrics[KL_METRIC] = statistics.fmean(p - r for p, r in zip(policy_logps, reference_logps))
+        return metrics
+
+    def _eval_seed(self, seed: int) -> int:
+        return self.config.eval_seed if self.config.eval_seed is not None else seed
 
     # --- building ---
 
     def _build_into(self, out_dir: Path, ctx: TaskContext) -> None:
         started = time.perf_counter()
-        train_prompts, eval_prompts = self._select_prompts(ctx.seed)
+        eval_seed = self._eval_seed(ctx.seed)
+        train_prompts, eval_prompts = self._select_prompts(ctx.seed, eval_seed)
         model = ctx.load_model()
         splits = {
-            "train": self._build_split(out_dir / _TRAIN, "train", train_prompts, model, ctx),
-            "eval": self._build_split(out_dir / _EVAL, "eval", eval_prompts, model, ctx),
+            "train": self._build_split(out_dir / _TRAIN, "train", train_prompts, model, ctx, ctx.seed),
+            "eval": self._build_split(out_dir / _EVAL, "eval", eval_prompts, model, ctx, eval_seed),
         }
         _write_jsonl(out_dir / _EVAL_PROMPTS, [{"snippet_id": p.snippet_id, "text": p.text} for p in eval_prompts])
         manifest = {
             "task": self.name,
             "seed": ctx.seed,
+            "eval_seed": eval_seed,
             "model_id": ctx.model_id,
             "config": self.config.model_dump(mode="json"),
             "splits": splits,
@@ -262,11 +302,11 @@ class SentimentTask(Task):
         # Written last: its presence is what marks a finished build.
         (out_dir / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    def _build_split(self, path: Path, split: str, prompts: list[Prompt], model, ctx: TaskContext) -> dict:
+    def _build_split(self, path: Path, split: str, prompts: list[Prompt], model, ctx: TaskContext, seed: int) -> dict:
         """Sample, score and pair one split into ``path``; returns its summary for ``task.json``."""
         started = time.perf_counter()
         completions = self._sample(
-            model, ctx.tokenizer, prompts, self.config.completions_per_prompt, seed=ctx.seed, purpose=split,
+            model, ctx.tokenizer, prompts, self.config.completions_per_prompt, seed=seed, purpose=split,
             show_progress=ctx.show_progress,
         )  # fmt: skip
         rows, ties = _preference_rows(prompts, completions)
@@ -278,8 +318,9 @@ class SentimentTask(Task):
         )  # fmt: skip
         return summary
 
-    def _select_prompts(self, seed: int) -> tuple[list[Prompt], list[Prompt]]:
-        """Disjoint snippets for train and eval, each cut to its first n words (n drawn per prompt)."""
+    def _select_prompts(self, seed: int, eval_seed: int) -> tuple[list[Prompt], list[Prompt]]:
+        """Disjoint snippets for train and eval, each cut to its first n words (n drawn per prompt). The
+        held-out snippets are drawn with ``eval_seed``, the training ones with ``seed`` from the rest."""
         cfg = self.config
         # A prompt must leave at least one word of its snippet unseen, or it is the whole review.
         usable = [s for s in load_snippets() if len(s.text.split()) > cfg.prompt_words_min]
@@ -291,10 +332,13 @@ class SentimentTask(Task):
             )
         # A full shuffle (not rng.sample) keeps the order independent of how many prompts are wanted:
         # the held-out prompts come first and stay the same when num_train_prompts changes.
-        order = list(usable)
-        random.Random(f"sentiment-order:{seed}").shuffle(order)
-        prompts = [self._opening(snippet, seed) for snippet in order[:wanted]]
-        return prompts[cfg.num_eval_prompts :], prompts[: cfg.num_eval_prompts]
+        eval_order = _shuffled(usable, eval_seed)
+        held_out = eval_order[: cfg.num_eval_prompts]
+        # With eval_seed == seed this is eval_order[num_eval_prompts:], the split as it always was.
+        held_out_ids = {snippet.id for snippet in held_out}
+        train_order = eval_order if eval_seed == seed else _shuffled(usable, seed)
+        train = [snippet for snippet in train_order if snippet.id not in held_out_ids][: cfg.num_train_prompts]
+        return [self._opening(s, seed) for s in train], [self._opening(s, eval_seed) for s in held_out]
 
     def _opening(self, snippet: Snippet, seed: int) -> Prompt:
         """The first n words of ``snippet``; n is drawn from a generator of its own (seed, snippet)."""
@@ -310,7 +354,7 @@ class SentimentTask(Task):
             "task": self.name,
             "format": _BUILD_FORMAT,
             "corpus": SDIST_SHA256,
-            "config": self.config.model_dump(mode="json"),
+            "config": self.config.model_dump(mode="json", exclude={"eval_seed"}),
             "seed": ctx.seed,
             "model": _model_identity(ctx.model_id),
             "tokenizer": _tokenizer_identity(ctx.tokenizer),
@@ -318,13 +362,16 @@ class SentimentTask(Task):
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         }
+        eval_seed = self._eval_seed(ctx.seed)
+        if eval_seed != ctx.seed:  # only then are the files different; equal seeds keep earlier caches valid
+            identity["eval_seed"] = eval_seed
         return f"{self.name}-{_sha256_json(identity)[:16]}"
 
     # --- sampling ---
 
     def _sample(
         self, model, tokenizer, prompts: list[Prompt], per_prompt: int, seed: int, purpose: str,
-        show_progress: bool = False,
+        show_progress: bool = False, max_new_tokens: int | None = None,
     ) -> list[list[Completion]]:  # fmt: skip
         """``per_prompt`` sampled continuations of each prompt, the same for the same seed and batch size."""
         prompts_per_batch = max(1, self.config.batch_size // per_prompt)
@@ -338,13 +385,16 @@ class SentimentTask(Task):
             with bar, torch.inference_mode():
                 for index, batch in enumerate(batches):
                     batch_seed = _derive_seed(seed, purpose, index)
-                    results.extend(self._sample_batch(model, tokenizer, [p.text for p in batch], per_prompt, batch_seed))
+                    results.extend(self._sample_batch(model, tokenizer, [p.text for p in batch], per_prompt,
+                                                      batch_seed, max_new_tokens or self.config.max_new_tokens))
                     bar.update(len(batch) * per_prompt)
         finally:
             model.train(was_training)
         return results
 
-    def _sample_batch(self, model, tokenizer, texts: list[str], per_prompt: int, seed: int) -> list[list[Completion]]:
+    def _sample_batch(
+        self, model, tokenizer, texts: list[str], per_prompt: int, seed: int, max_new_tokens: int
+    ) -> list[list[Completion]]:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos_ids = _eos_ids(model, tokenizer)
         prompt_ids = [ids for ids in tokenizer(texts).input_ids for _ in range(per_prompt)]
@@ -362,12 +412,12 @@ class SentimentTask(Task):
                 top_k=self.config.top_k,
                 top_p=self.config.top_p,
                 repetition_penalty=1.0,  # plain sampling even if the model's generation config says otherwise
-                max_new_tokens=self.config.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id,
                 eos_token_id=eos_ids,
             )
         new_tokens = output[:, input_ids.shape[1] :].tolist()
-        completions = [_completion(tokenizer, tokens, eos_ids) for tokens in new_tokens]
+        completions = [_completion(tokenizer, tokens, eos_ids, ids) for tokens, ids in zip(new_tokens, prompt_ids)]
         return [completions[i : i + per_prompt] for i in range(0, len(completions), per_prompt)]
 
 
@@ -411,11 +461,13 @@ def _split_summary(num_prompts: int, rows: list[dict], ties: int, seconds: float
     }
 
 
-def _completion(tokenizer, tokens: list[int], eos_ids: list[int]) -> Completion:
+def _completion(tokenizer, tokens: list[int], eos_ids: list[int], prompt_ids: Sequence[int] = ()) -> Completion:
     end = next((i for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
     # Keep the leading space and exact spacing: prompt + completion must read as the sampled text.
     text = tokenizer.decode(tokens[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return Completion(text, end)
+    # What was sampled ends at the EOS (generate pads after it); the EOS itself was a sampled choice.
+    sampled = tokens[: end + 1] if end < len(tokens) else tokens
+    return Completion(text, end, tuple(prompt_ids), tuple(sampled))
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -435,6 +487,12 @@ def _left_pad(sequences: list[list[int]], pad_id: int, device):
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
     return input_ids.to(device), attention_mask.to(device)
+
+
+def _shuffled(snippets: Sequence[Snippet], seed: int) -> list[Snippet]:
+    order = list(snippets)
+    random.Random(f"sentiment-order:{seed}").shuffle(order)
+    return order
 
 
 def _derive_seed(seed: int, purpose: str, batch_index: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -58,6 +60,18 @@ class TokenizedPairs:
     def unpaired(self) -> bool:
         """Whether these are unpaired examples (every one labelled) rather than pairs."""
         return bool(self.pairs) and self.pairs[0].label is not None
+
+    def subset(self, indices: list[int], label: str) -> "TokenizedPairs":
+        """These pairs at ``indices``, in that order, as a split of their own (e.g. one stage of stepwise
+        training); ``label`` names it in messages. Its fingerprint covers the parent's and the selection."""
+        selection = json.dumps([self.fingerprint, list(indices)]).encode()
+        return TokenizedPairs(
+            source=f"{self.source} [{label}]",
+            pairs=[self.pairs[i] for i in indices],
+            skipped=dict(self.skipped),
+            first_skipped_row=dict(self.first_skipped_row),
+            fingerprint=hashlib.sha256(selection).hexdigest(),
+        )
 
     def describe(self) -> str:
         """'12 pairs', or '24 unpaired examples (12 desirable, 12 undesirable)', for messages."""

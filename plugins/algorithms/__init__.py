@@ -1,0 +1,1 @@
+"""Built-in algorithm plugins: phases of training driven through the engine."""

@@ -1,0 +1,37 @@
+"""Where a bench keeps what, and how its JSON files are written.
+
+    <output.dir>/
+      results.jsonl  leaderboard.md  leaderboard.html  leaderboard.json  *.png
+      initial/  bench-recipe.yaml  bench-eval.json              the untrained initial model, evaluated
+      runs/<entry>/seed-<s>/                                    a run directory (the training recipe's output.dir)
+        bench-recipe.yaml  bench-train.log  bench-train.json  bench-eval.json   beside the engine's own files
+      runs/<entry>/bench-eval.log                               the evaluation child of the entry's seeds
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+RECIPE_FILE = "bench-recipe.yaml"  # the derived training recipe the child is given
+TRAIN_LOG = "bench-train.log"  # the training child's output
+TRAIN_FILE = "bench-train.json"  # what the bench measured of the training child (wall time, peak memory)
+EVAL_FILE = "bench-eval.json"  # the evaluation result
+EVAL_LOG = "bench-eval.log"  # the evaluation child's output, one per entry
+RESULTS_FILE = "results.jsonl"
+
+
+def write_json(path: Path, value) -> None:
+    """Atomically: a file that exists is complete, which is what tells a rerun that a step is done."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    """The file's value, or None when it does not exist (not yet written)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None

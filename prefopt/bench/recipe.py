@@ -1,0 +1,283 @@
+"""Bench recipes: which variants to compare, on which training recipe, over which seeds.
+
+A bench recipe names a training recipe (``base``), overrides applied to every entry (the budget, say
+``train.max_steps=16``), the seeds, the entries (a name and the overrides that make the variant) and
+how the task evaluator samples. Every entry x seed becomes an ordinary training recipe::
+
+    base + overrides + entry overrides + seed=<s> + output.dir=<output.dir>/runs/<entry>/seed-<s>
+
+(and ``output.resume=auto``, so a crashed bench resumes; ``output.save_model=true``, for the evaluator;
+``output.merge_lora=false``, so a LoRA run keeps its adapter, a few MB, rather than a merged copy of the
+whole model: dozens of runs of a 135M model would otherwise fill tens of GB). All of them are validated
+before anything trains, and every problem is reported at once, naming the entry.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import PrefoptError, RecipeError, did_you_mean
+from ..recipe import apply_override, parse_override, read_yaml, validate_tree
+from ..task import EvalOptions
+
+# Names become directory names: letters, digits, dot, dash, underscore; no leading dot or dash.
+ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# The untrained initial model is evaluated under this name, so no entry may take it.
+INITIAL = "initial"
+# Keys the bench sets on every run; overriding them would break resuming or evaluation.
+BENCH_KEYS = {
+    "seed": "list the seeds under seeds:",
+    "output.dir": "set the bench's output.dir; each run goes to <output.dir>/runs/<entry>/seed-<s>",
+    "output.resume": "the bench always resumes (output.resume=auto)",
+    "output.save_model": "the evaluator loads the saved model",
+    "output.merge_lora": "runs keep only their LoRA adapter, which the evaluator merges in memory",
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_overrides(cls, overrides: list[str]) -> list[str]:
+    """No item may set a key the bench owns (it would be overwritten without a word)."""
+    for index, text in enumerate(overrides):
+        dotted = ".".join(parse_override(text)[0])
+        if dotted in BENCH_KEYS:
+            reason = BENCH_KEYS[dotted]
+            raise ValueError(f"item {index} ({text!r}) sets {dotted}, which the bench sets itself: {reason}")
+    return overrides
+
+
+def _override_list(cls, value: Any) -> Any:
+    """Overrides must be strings; a YAML mapping here is almost always an unquoted 'key={a: b}'."""
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ValueError(
+                    f"item {index} is a {type(item).__name__}, not a string dotted.key=value; quote it "
+                    "(YAML reads 'loss={name: dpo}' unquoted as a mapping)"
+                )
+        for text in value:
+            try:
+                parse_override(text)
+            except PrefoptError as exc:
+                raise ValueError(str(exc)) from None
+    return value
+
+
+class EntrySpec(_Section):
+    name: str = Field(..., description="The entry's name: a directory name, unique in the bench.")
+    overrides: list[str] = Field([], description="Dotted-key overrides that make this variant, e.g. loss.beta=0.2.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not ENTRY_NAME.match(name):
+            raise ValueError(
+                f"{name!r} is not a safe directory name: use letters, digits, '.', '-' and '_' (up to 64), "
+                "starting with a letter or digit"
+            )
+        if name == INITIAL:
+            raise ValueError(f"{INITIAL!r} is reserved for the untrained initial model; choose another name")
+        return name
+
+    _overrides_are_strings = field_validator("overrides", mode="before")(_override_list)
+    _overrides_leave_bench_keys = field_validator("overrides")(_check_overrides)
+
+
+class EvalSpec(_Section):
+    num_prompts: Optional[int] = Field(None, ge=1, description="Held-out prompts to sample; none: the task's own.")
+    samples_per_prompt: Optional[int] = Field(
+        None, ge=1, description="Completions sampled per prompt; none: the task's own setting."
+    )
+    max_new_tokens: Optional[int] = Field(None, ge=1, description="Length limit of each completion; none: the task's.")
+
+    def options(self) -> EvalOptions:
+        return EvalOptions(self.num_prompts, self.samples_per_prompt, self.max_new_tokens)
+
+
+class OutputSpec(_Section):
+    dir: str = Field(..., description="The bench's directory: runs, results.jsonl, leaderboard, plots.")
+
+
+class BenchRecipe(_Section):
+    base: str = Field(..., description="The training recipe every entry starts from, relative to the bench file.")
+    overrides: list[str] = Field([], description="Dotted-key overrides applied to every entry (the budget).")
+    seeds: list[int] = Field([0], min_length=1, description="Every entry is trained once per seed.")
+    entries: list[EntrySpec] = Field(..., min_length=1, description="The variants, each a name and overrides.")
+    eval: EvalSpec = Field(EvalSpec(), description="How the task evaluator samples; the same for every run.")
+    output: OutputSpec
+
+    _overrides_are_strings = field_validator("overrides", mode="before")(_override_list)
+    _overrides_leave_bench_keys = field_validator("overrides")(_check_overrides)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seed {repeated[0]} is listed twice; each seed is one run per entry")
+        if any(s < 0 for s in seeds):
+            raise ValueError("seeds must be 0 or more")
+        return seeds
+
+    @field_validator("entries")
+    @classmethod
+    def _distinct_names(cls, entries: list[EntrySpec]) -> list[EntrySpec]:
+        names = [e.name for e in entries]
+        for index, name in enumerate(names):
+            first = names.index(name)
+            if first != index:
+                raise ValueError(f"entries[{index}] is named {name!r} like entries[{first}]; names must be unique")
+        return entries
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the runs a bench holds
+
+
+@dataclass(frozen=True)
+class Run:
+    """One entry x seed: its validated training recipe and its run directory (the recipe's output.dir)."""
+
+    entry: str
+    seed: int
+    overrides: tuple[str, ...]  # the entry's own overrides
+    recipe: Any
+    dir: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.entry} seed {self.seed}"
+
+
+@dataclass(frozen=True)
+class Bench:
+    path: Path  # the bench recipe file
+    spec: BenchRecipe
+    base: Path  # the training recipe file
+    dir: Path  # the bench's output directory
+    runs: tuple[Run, ...]  # entry-major, in the recipe's order; empty when loaded without runs
+    initial: Any  # the training recipe of the untrained initial model (base + overrides, first seed), or None
+
+    @property
+    def entry_names(self) -> list[str]:
+        return [e.name for e in self.spec.entries]
+
+    @property
+    def initial_dir(self) -> Path:
+        return self.dir / INITIAL
+
+    def run_dir(self, entry: str, seed: int) -> Path:
+        return self.dir / "runs" / entry / f"seed-{seed}"
+
+
+def load_bench(path: str | Path, plugins=None, *, with_runs: bool = True) -> Bench:
+    """Read and validate a bench recipe; with ``with_runs``, also derive and validate the training recipe
+    of every entry x seed. Raises RecipeError listing every problem."""
+    path = Path(path)
+    tree = read_yaml(path)
+    try:
+        spec = BenchRecipe.model_validate(tree)
+    except ValidationError as exc:
+        problems = [_describe(e, tree) for e in exc.errors()]
+        raise RecipeError(str(path), list(dict.fromkeys(problems))) from None
+    base = path.parent / spec.base
+    if not base.is_file():
+        raise RecipeError(str(path), [f"base: {base} not found (base is relative to the bench file's folder)"])
+    bench = Bench(path=path, spec=spec, base=base, dir=Path(spec.output.dir), runs=(), initial=None)
+    if not with_runs:
+        return bench
+    from ..plugins import default_plugins
+
+    return _with_runs(bench, plugins or default_plugins())
+
+
+def derived_tree(base_tree: dict, overrides: list[str], seed: int, run_dir: Path) -> dict:
+    """The training recipe tree of one run: the base, the overrides in order, then the keys the bench owns."""
+    tree = copy.deepcopy(base_tree)
+    for text in overrides:
+        apply_override(tree, *parse_override(text))
+    apply_override(tree, ["seed"], seed)
+    # Set directly, not parsed: a path is a string whatever YAML would make of it.
+    for keys, value in ((["output", "dir"], str(run_dir)), (["output", "resume"], "auto"),
+                        (["output", "save_model"], True), (["output", "merge_lora"], False)):
+        apply_override(tree, keys, value)
+    return tree
+
+
+def _with_runs(bench: Bench, plugins) -> Bench:
+    spec = bench.spec
+    base_tree = read_yaml(bench.base)
+    problems: list[str] = []
+
+    def validated(overrides: list[str], seed: int, run_dir: Path, source: str) -> tuple[Any, list[str]]:
+        try:
+            tree = derived_tree(base_tree, overrides, seed, run_dir)
+            return validate_tree(tree, plugins, source), []
+        except RecipeError as exc:
+            return None, exc.problems
+        except PrefoptError as exc:  # an override that walks into a value that is not a section
+            return None, [str(exc)]
+
+    # The base with the shared overrides, as the initial model is evaluated: a problem here is every entry's,
+    # so it is reported once, not once per entry.
+    initial, shared = validated(spec.overrides, spec.seeds[0], bench.dir / INITIAL, "base")
+    problems += [f"{bench.base} with overrides: {p}" for p in shared]
+
+    runs: list[Run] = []
+    for index, entry in enumerate(spec.entries):
+        seeds_by_problem: dict[str, list[int]] = {}
+        for seed in spec.seeds:
+            run_dir = bench.run_dir(entry.name, seed)
+            recipe, found = validated([*spec.overrides, *entry.overrides], seed, run_dir, entry.name)
+            for problem in found:
+                if problem not in shared:
+                    seeds_by_problem.setdefault(problem, []).append(seed)
+            if recipe is not None:
+                runs.append(Run(entry.name, seed, tuple(entry.overrides), recipe, run_dir))
+        for problem, seeds in seeds_by_problem.items():
+            which = "" if len(seeds) == len(spec.seeds) else f" (seed {', '.join(map(str, seeds))})"
+            problems.append(f"entries[{index}] {entry.name!r}{which}: {problem}")
+    if problems:
+        raise RecipeError(str(bench.path), problems)
+    return Bench(bench.path, spec, bench.base, bench.dir, tuple(runs), initial)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# error messages
+
+
+def _describe(error: dict, tree: dict) -> str:
+    """One line per schema problem, naming the key as the user wrote it (entries[2].name)."""
+    loc = tuple(error["loc"])
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(bench recipe)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key{did_you_mean(str(loc[-1]), _fields_at(loc[:-1]))}"
+    if kind == "missing":
+        return f"{path}: required but missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return f"{path}: {message}"
+    return f"{path}: {message} (got {error.get('input')!r})"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names of the section ``loc`` points into, for did-you-mean suggestions."""
+    model: Any = BenchRecipe
+    for key in loc:
+        if isinstance(key, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return []
+        annotation = field.annotation
+        model = next((a for a in getattr(annotation, "__args__", ()) if hasattr(a, "model_fields")), annotation)
+    return list(getattr(model, "model_fields", {}) or {})

@@ -1,0 +1,196 @@
+"""The leaderboard: ``leaderboard.md``, a self-contained ``leaderboard.html`` (figures embedded as base64
+PNG, no external assets), ``leaderboard.json`` (the per-entry statistics) and the PNG figures.
+
+Entries are sorted by mean reward. Each cell is the mean over seeds with its spread: the sample standard
+deviation for 3 seeds or more, the [min, max] range for 2 (a standard deviation of two values says
+little), nothing for 1.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from .files import EVAL_FILE, read_json
+from .plots import CURVE_KEYS, write_plots
+from .recipe import Bench
+from .results import METRICS, Spread, aggregate, seed_mean_curves
+
+COLUMNS = {  # metric -> (header, format)
+    "reward": ("reward", ".3f"),
+    "kl": ("KL", ".2f"),
+    "length": ("length", ".1f"),
+    "accuracy": ("accuracy", ".2f"),
+    "tokens_per_s": ("tokens/s", ".0f"),
+    "peak_rss_mib": ("peak RSS MiB", ".0f"),
+    "wall_s": ("train s", ".0f"),
+    "final_loss": ("final loss", ".3f"),
+}
+FIGURES = {
+    "frontier": "Reward vs KL to the reference (DPO paper, Fig. 2 left)",
+    "curves": "Training curves (mean over seeds)",
+    "length_reward": "Reward vs completion length",
+    "throughput_memory": "Throughput and peak memory",
+}
+EXPLANATION = (
+    "reward: mean ground-truth reward of completions sampled from the trained model on held-out prompts. "
+    "KL: mean over those samples of log pi(y|x) - log pi_ref(y|x) summed over the completion's tokens "
+    "(nats; pi_ref is the run's reference). length: completion tokens. accuracy: held-out preference "
+    "accuracy of the implicit reward after training. tokens/s: median over training steps. peak RSS: "
+    "maximum resident memory of the training process. train s: its wall time."
+)
+
+
+def cell(spread: Spread, fmt: str) -> str:
+    if spread.mean is None:
+        return "–"
+    text = format(spread.mean, fmt)
+    if spread.n >= 3 and spread.std is not None:
+        return f"{text} ± {format(spread.std, fmt)}"
+    if spread.n == 2:
+        return f"{text} [{format(spread.min, fmt)}, {format(spread.max, fmt)}]"
+    return text
+
+
+def value(number, fmt: str) -> str:
+    return "–" if number is None else format(number, fmt)
+
+
+def initial_result(bench: Bench) -> dict | None:
+    """The untrained initial model's evaluation, when it was made."""
+    return read_json(bench.initial_dir / EVAL_FILE)
+
+
+def _setup_lines(bench: Bench, rows: list[dict], initial: dict | None) -> list[str]:
+    spec = bench.spec
+    entries_done = len({r["entry"] for r in rows})
+    overrides = ", ".join(f"`{o}`" for o in spec.overrides) or "none"
+    e = spec.eval
+    asked = [f"{e.num_prompts} held-out prompts" if e.num_prompts else "the task's held-out prompts",
+             f"{e.samples_per_prompt} samples each" if e.samples_per_prompt else "the task's samples per prompt",
+             f"up to {e.max_new_tokens} new tokens" if e.max_new_tokens else "the task's length limit"]
+    digests = {r.get("eval_data_sha256") for r in rows} | ({initial.get("eval_data_sha256")} if initial else set())
+    digests.discard(None)
+    if len(digests) > 1:
+        same = ("**warning: the runs were scored on different held-out data**, so their rewards do not compare; "
+                "make the task's held-out split independent of the seed (sentiment: data.task.eval_seed=0 in the "
+                "bench's overrides)")
+    elif digests:
+        same = f"the same held-out data for every run (sha256 {next(iter(digests))[:12]})"
+    else:
+        same = "no task evaluation (the recipe has no data.task)"
+    return [
+        f"Base recipe `{bench.base}`; overrides for every entry: {overrides}; seeds "
+        f"{', '.join(map(str, spec.seeds))}; {entries_done} of {len(spec.entries)} entries have results "
+        f"({len(rows)} runs).",
+        f"Evaluation: {', '.join(asked)}; {same}.",
+    ]
+
+
+def _table(records: list[dict], initial: dict | None) -> tuple[list[str], list[list[str]]]:
+    header = ["#", "entry", "seeds", *[COLUMNS[m][0] for m in COLUMNS], "overrides"]
+    body = []
+    for rank, record in enumerate(records, start=1):
+        body.append([str(rank), record["entry"], str(len(record["seeds"])),
+                     *[cell(record[m], fmt) for m, (_, fmt) in COLUMNS.items()],
+                     " ".join(record["overrides"])])
+    if initial is not None:
+        body.append(["", "initial model (untrained)", "", value(initial.get("reward"), ".3f"),
+                     value(initial.get("kl"), ".2f"), value(initial.get("length"), ".1f"),
+                     *["–"] * (len(COLUMNS) - 3), ""])
+    return header, body
+
+
+def _run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["entry", "seed", *[COLUMNS[m][0] for m in COLUMNS], "run"]
+    body = [[r["entry"], str(r["seed"]), *[value(r.get(m), fmt) for m, (_, fmt) in COLUMNS.items()], r["run_dir"]]
+            for r in rows]
+    return header, body
+
+
+def _markdown_table(header: list[str], body: list[list[str]]) -> str:
+    def line(cells):
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header)), *map(line, body)])
+
+
+def _html_table(header: list[str], body: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def write_markdown(path: Path, bench: Bench, rows, records, initial, figures: dict[str, Path]) -> Path:
+    parts = [f"# Bench `{bench.path}`", "", *_setup_lines(bench, rows, initial), "",
+             "Entries sorted by mean reward; each cell is the mean over seeds, ± the standard deviation for 3 or "
+             "more seeds, [min, max] for 2. " + EXPLANATION, "",
+             _markdown_table(*_table(records, initial)), "", "## Figures", ""]
+    for name, figure in figures.items():
+        parts += [f"![{FIGURES[name]}]({figure.name})", ""]
+    parts += ["## Runs", "", _markdown_table(*_run_table(rows)), ""]
+    path.write_text("\n".join(parts))
+    return path
+
+
+HTML_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1400px; color: #222; }
+table { border-collapse: collapse; font-size: 13px; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+td:nth-child(2), th:nth-child(2), td:last-child { text-align: left; }
+thead { background: #f0f0f0; }
+img { max-width: 100%; margin: 0.5em 0 1.5em; }
+p { max-width: 80em; }
+"""
+
+
+def write_html(path: Path, bench: Bench, rows, records, initial, figures: dict[str, Path]) -> Path:
+    parts = [
+        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
+        f"<title>Bench {html.escape(str(bench.path))}</title><style>{HTML_STYLE}</style></head><body>",
+        f"<h1>Bench <code>{html.escape(str(bench.path))}</code></h1>",
+        *(f"<p>{html.escape(line).replace('`', '')}</p>" for line in _setup_lines(bench, rows, initial)),
+        "<p>Entries sorted by mean reward; each cell is the mean over seeds, ± the standard deviation for 3 or "
+        f"more seeds, [min, max] for 2. {html.escape(EXPLANATION)}</p>",
+        _html_table(*_table(records, initial)),
+        "<h2>Figures</h2>",
+    ]
+    for name, figure in figures.items():
+        # Embedded, so the page is one file that can be mailed or attached.
+        data = base64.b64encode(figure.read_bytes()).decode("ascii")
+        parts += [f"<h3>{html.escape(FIGURES[name])}</h3>",
+                  f"<img alt='{html.escape(FIGURES[name])}' src='data:image/png;base64,{data}'>"]
+    parts += ["<h2>Runs</h2>", _html_table(*_run_table(rows)), "</body></html>"]
+    path.write_text("\n".join(parts))
+    return path
+
+
+def write_json_summary(path: Path, bench: Bench, records, initial) -> Path:
+    summary = {
+        "bench": str(bench.path),
+        "base": str(bench.base),
+        "overrides": list(bench.spec.overrides),
+        "seeds": list(bench.spec.seeds),
+        "eval": bench.spec.eval.model_dump(),
+        "entries": [{"entry": r["entry"], "seeds": r["seeds"], "overrides": r["overrides"],
+                     **{m: r[m].as_dict() for m in METRICS}} for r in records],
+        "initial": None if initial is None else {k: initial.get(k) for k in ("reward", "kl", "length")},
+    }
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    return path
+
+
+def write_report(bench: Bench, rows: list[dict]) -> dict[str, Path]:
+    """Every report file from the result rows (and the initial model's evaluation); returns {name: path}."""
+    bench.dir.mkdir(parents=True, exist_ok=True)
+    initial = initial_result(bench)
+    records = aggregate(rows, bench.entry_names)
+    figures = write_plots(bench.dir, rows, records, initial, seed_mean_curves(rows, CURVE_KEYS)) if rows else {}
+    return {
+        "markdown": write_markdown(bench.dir / "leaderboard.md", bench, rows, records, initial, figures),
+        "html": write_html(bench.dir / "leaderboard.html", bench, rows, records, initial, figures),
+        "json": write_json_summary(bench.dir / "leaderboard.json", bench, records, initial),
+        **figures,
+    }

@@ -1,0 +1,156 @@
+"""A finished run's files -> one result row; rows -> each entry's mean and spread over seeds.
+
+A row reads the engine's own files (``summary.json`` for the final held-out accuracy, ``metrics.jsonl``
+for throughput and the final loss) and the bench's (``bench-train.json``: wall time and peak memory of
+the training process; ``bench-eval.json``: the task evaluator's result).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from .files import EVAL_FILE, RESULTS_FILE, TRAIN_FILE, read_json
+
+# What the leaderboard aggregates over seeds, in its column order.
+METRICS = ("reward", "kl", "length", "accuracy", "tokens_per_s", "pairs_per_s", "peak_rss_mib", "wall_s",
+           "final_loss")
+ACCURACY_KEY = "eval/rewards/accuracies"
+
+
+def training_steps(run_dir: Path) -> list[dict]:
+    """The training lines of a run's metrics.jsonl (evaluation lines carry only eval/* keys)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [line for line in lines if "loss" in line]
+
+
+def run_row(entry: str, seed: int, overrides: list[str], run_dir: Path) -> dict | None:
+    """The result row of a finished run, or None while any of its files is missing."""
+    summary = read_json(run_dir / "summary.json")
+    trained = read_json(run_dir / TRAIN_FILE)
+    evaluated = read_json(run_dir / EVAL_FILE)
+    if summary is None or trained is None or evaluated is None:
+        return None
+    steps = training_steps(run_dir)
+
+    def median_of(key: str) -> float | None:
+        values = [s[key] for s in steps if isinstance(s.get(key), (int, float))]
+        # The median, not the mean: the first step also pays for warm-up (allocations, lazy init).
+        return statistics.median(values) if values else None
+
+    return {
+        "entry": entry,
+        "seed": seed,
+        "overrides": list(overrides),
+        "reward": evaluated["reward"],
+        "kl": evaluated["kl"],
+        "length": evaluated["length"],
+        "accuracy": summary.get("eval_end", {}).get(ACCURACY_KEY),
+        "tokens_per_s": median_of("tokens_per_s"),
+        "pairs_per_s": median_of("pairs_per_s"),
+        "peak_rss_mib": trained["peak_rss_mib"],
+        "wall_s": trained["wall_s"],
+        "final_loss": steps[-1]["loss"] if steps else None,
+        "steps": summary.get("steps"),
+        "resumed": trained.get("resumed", False),
+        "eval_s": evaluated.get("eval_s"),
+        "task_metrics": evaluated.get("metrics", {}),
+        "eval_data_sha256": evaluated.get("eval_data_sha256"),
+        "run_dir": str(run_dir),
+    }
+
+
+def write_results(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def read_results(bench_dir: Path) -> list[dict]:
+    from ..errors import PrefoptError
+
+    path = Path(bench_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise PrefoptError(f"{path} not found: run the bench first (without --report-only)")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PrefoptError(f"{path} line {number}: not JSON ({exc.msg}); rerun the bench to rewrite it") from None
+        missing = [k for k in ("entry", "seed", *METRICS) if k not in row]
+        if missing:
+            raise PrefoptError(f"{path} line {number}: missing {', '.join(missing)}; rerun the bench to rewrite it")
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# aggregation over seeds
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A metric over an entry's seeds: mean, sample standard deviation (2+ values), min and max."""
+
+    n: int
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+
+    @classmethod
+    def of(cls, values: list) -> "Spread":
+        numbers = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        if not numbers:
+            return cls(0, None, None, None, None)
+        std = statistics.stdev(numbers) if len(numbers) > 1 else None
+        return cls(len(numbers), statistics.fmean(numbers), std, min(numbers), max(numbers))
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "mean": self.mean, "std": self.std, "min": self.min, "max": self.max}
+
+
+def aggregate(rows: list[dict], entry_order: list[str]) -> list[dict]:
+    """One record per entry with a Spread per metric, best mean reward first (entries with no reward last,
+    then in the recipe's order)."""
+    by_entry: dict[str, list[dict]] = {}
+    for row in rows:
+        by_entry.setdefault(row["entry"], []).append(row)
+    order = {name: i for i, name in enumerate(entry_order)}
+    records = []
+    for entry, entry_rows in by_entry.items():
+        entry_rows.sort(key=lambda r: r["seed"])
+        records.append({
+            "entry": entry,
+            "seeds": [r["seed"] for r in entry_rows],
+            "overrides": entry_rows[0].get("overrides", []),
+            **{metric: Spread.of([r.get(metric) for r in entry_rows]) for metric in METRICS},
+        })
+
+    def rank(record: dict):
+        reward = record["reward"].mean
+        return (reward is None, -(reward or 0.0), order.get(record["entry"], len(order)))
+
+    return sorted(records, key=rank)
+
+
+def seed_mean_curves(rows: list[dict], keys: tuple[str, ...]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """entry -> key -> [(step, mean over the seeds that logged that step)], from each run's metrics.jsonl."""
+    sums: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for row in rows:
+        per_key = sums.setdefault(row["entry"], {key: {} for key in keys})
+        for step in training_steps(Path(row["run_dir"])):
+            for key in keys:
+                if isinstance(step.get(key), (int, float)):
+                    per_key[key].setdefault(step["step"], []).append(step[key])
+    return {
+        entry: {key: [(s, statistics.fmean(v)) for s, v in sorted(steps.items())] for key, steps in per_key.items()}
+        for entry, per_key in sums.items()
+    }

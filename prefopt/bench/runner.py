@@ -1,0 +1,238 @@
+"""Run a bench: train every entry x seed in its own process, evaluate it in another, then report.
+
+For each entry, each seed's derived recipe is written to ``<run dir>/bench-recipe.yaml`` and trained by
+``python -m prefopt.cli train`` in a fresh process, so the peak memory measured is that run's alone.
+Then one evaluation process scores all of the entry's new runs (``prefopt.bench.evaluate``). What an
+earlier invocation finished (``summary.json``, ``bench-train.json`` and a current ``bench-eval.json``)
+is skipped, and an interrupted training resumes from its newest checkpoint, so rerunning the same
+command after a crash continues where it stopped. Before the first entry, the untrained initial model
+is evaluated on the same held-out prompts: the origin of the reward-vs-KL frontier, and a check of the
+evaluation settings before hours of training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import PrefoptError, did_you_mean
+from ..paths import CACHE_ENV, cache_root
+from ..recipe import dump_recipe
+from .evaluate import options_record, recipe_digest
+from .files import EVAL_FILE, EVAL_LOG, RECIPE_FILE, RESULTS_FILE, TRAIN_FILE, TRAIN_LOG, read_json, write_json
+from .processes import failure_reason, last_error_line, python_module, run_child
+from .recipe import Bench, Run
+from .report import write_report
+from .results import run_row, write_results
+
+
+@dataclass
+class Outcome:
+    rows: list[dict]  # every finished run of the bench, this invocation's and earlier ones'
+    failures: list[str]  # one line per run that failed in this invocation
+    report: dict[str, Path]
+
+
+def run_bench(bench: Bench, *, only: list[str] | None = None, show_progress: bool = True) -> Outcome:
+    runs = select_runs(bench, only)
+    check_run_dirs(runs)
+    bench.dir.mkdir(parents=True, exist_ok=True)
+    say = tqdm.write
+    entries = len({r.entry for r in runs})
+    say(f"bench {bench.path}: {entries} entries x {len(bench.spec.seeds)} seeds = {len(runs)} runs in {bench.dir}")
+    say(f"reference log-probs and task data are cached by content in {cache_root()} (${CACHE_ENV}): entries "
+        "with the same reference, data and truncation share one reference cache, built by the first run")
+    _warn_if_eval_follows_seed(bench, say)
+    evaluate_initial(bench, say)
+
+    failures: list[str] = []
+    bar = tqdm(total=len(runs), desc="bench", unit="run", disable=not show_progress, dynamic_ncols=True)
+    with bar:
+        for entry, group in groupby(runs, key=lambda r: r.entry):
+            to_evaluate = []
+            for run in group:
+                status = run_status(bench, run)
+                if status == "finished":
+                    say(f"{run.label}: skipped, finished by an earlier invocation")
+                    bar.update(1)
+                    continue
+                if status == "untrained":
+                    bar.set_postfix_str(f"{run.label}: training")
+                    failure = train(run, say)
+                    if failure:
+                        failures.append(failure)
+                        bar.update(1)
+                        continue
+                to_evaluate.append(run)
+            if to_evaluate:
+                bar.set_postfix_str(f"{entry}: evaluating")
+                failures += evaluate_runs(bench, entry, to_evaluate, say)
+                bar.update(len(to_evaluate))
+        bar.set_postfix_str("")
+
+    rows = collect_rows(bench)
+    write_results(bench.dir / RESULTS_FILE, rows)
+    return Outcome(rows, failures, write_report(bench, rows))
+
+
+def select_runs(bench: Bench, only: list[str] | None) -> list[Run]:
+    if not only:
+        return list(bench.runs)
+    for name in only:
+        if name not in bench.entry_names:
+            raise PrefoptError(f"--only {name}: no such entry in {bench.path}{did_you_mean(name, bench.entry_names)}; "
+                               f"entries: {', '.join(bench.entry_names)}")
+    return [run for run in bench.runs if run.entry in only]
+
+
+def collect_rows(bench: Bench) -> list[dict]:
+    rows = (run_row(run.entry, run.seed, list(run.overrides), run.dir) for run in bench.runs)
+    return [row for row in rows if row is not None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# state of a run on disk
+
+
+def run_status(bench: Bench, run: Run) -> str:
+    """'finished', 'trained' (evaluation missing or stale) or 'untrained' (also: interrupted)."""
+    if not ((run.dir / "summary.json").is_file() and (run.dir / TRAIN_FILE).is_file()):
+        return "untrained"
+    return "finished" if _evaluation_current(bench, run.dir, dump_recipe(run.recipe)) else "trained"
+
+
+def _evaluation_current(bench: Bench, directory: Path, recipe_text: str) -> bool:
+    evaluated = read_json(directory / EVAL_FILE)
+    return (evaluated is not None and evaluated.get("recipe_sha256") == recipe_digest(recipe_text)
+            and evaluated.get("options") == options_record(bench.spec.eval.options()))
+
+
+def check_run_dirs(runs: list[Run]) -> None:
+    """Refuse to continue a run directory that holds a run of another recipe (the bench recipe changed):
+    resuming it would mix two recipes in one result. Every conflict is listed at once."""
+    import yaml
+
+    conflicts = []
+    for run in runs:
+        saved = run.dir / "recipe.yaml"  # written by the engine when the run started
+        if not saved.is_file():
+            continue
+        before = _flatten(yaml.safe_load(saved.read_text()) or {})
+        now = _flatten(yaml.safe_load(dump_recipe(run.recipe)))
+        # Keys on one side only are defaults that a newer prefopt added or removed: not a change of recipe.
+        changed = [key for key in now if key in before and before[key] != now[key]]
+        if changed:
+            key = changed[0]
+            conflicts.append(f"{run.dir}: {key} is {before[key]!r} there, {now[key]!r} now"
+                             + (f" (and {len(changed) - 1} more keys)" if len(changed) > 1 else ""))
+    if conflicts:
+        raise PrefoptError(
+            f"{len(conflicts)} run directories hold runs of another recipe; delete them to train them anew, or set "
+            "the bench's output.dir to a new folder\n" + "\n".join(conflicts)
+        )
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _warn_if_eval_follows_seed(bench: Bench, say) -> None:
+    task = bench.initial.data.task if bench.initial is not None else None
+    if task is not None and len(bench.spec.seeds) > 1 and getattr(task, "eval_seed", 0) is None:
+        say("warning: data.task.eval_seed is not set, so every seed holds out other prompts and rewards are "
+            "compared on different prompts; add data.task.eval_seed=0 to the bench's overrides")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the child processes
+
+
+def train(run: Run, say) -> str | None:
+    """Train one run in a child process; returns a failure line, or None."""
+    run.dir.mkdir(parents=True, exist_ok=True)
+    recipe_file = run.dir / RECIPE_FILE
+    recipe_file.write_text(dump_recipe(run.recipe))
+    (run.dir / EVAL_FILE).unlink(missing_ok=True)  # whatever evaluated an earlier model is stale now
+    resumed = (run.dir / "checkpoints").is_dir() and any((run.dir / "checkpoints").iterdir())
+    log = run.dir / TRAIN_LOG
+    say(f"{run.label}: training{' (resuming)' if resumed else ''}; log {log}")
+    result = run_child(python_module("prefopt.cli", "train", str(recipe_file), "--no-progress"), log)
+    if not result.ok or not (run.dir / "summary.json").is_file():
+        line = f"{run.label}: training failed ({failure_reason(result, log)}); log {log}"
+        say(line)
+        return line
+    write_json(run.dir / TRAIN_FILE, {
+        "wall_s": round(result.wall_s, 2), "peak_rss_mib": round(result.peak_rss_mib, 1),
+        # A resumed run's time and memory cover only the part after the crash.
+        "resumed": resumed, "recipe_sha256": recipe_digest(recipe_file.read_text()),
+    })
+    steps = (read_json(run.dir / "summary.json") or {}).get("steps")
+    say(f"{run.label}: trained {steps} steps in {result.wall_s:.0f} s, peak RSS {result.peak_rss_mib:.0f} MiB")
+    return None
+
+
+def evaluate_runs(bench: Bench, entry: str, runs: list[Run], say) -> list[str]:
+    """Evaluate ``runs`` (one entry's) in one child process; returns failure lines."""
+    with_task = [run for run in runs if run.recipe.data.task is not None]
+    for run in runs:
+        text = dump_recipe(run.recipe)
+        (run.dir / RECIPE_FILE).write_text(text)
+        if run.recipe.data.task is None:  # nothing to sample from: the row holds training metrics only
+            write_json(run.dir / EVAL_FILE, {
+                "recipe_sha256": recipe_digest(text), "options": options_record(bench.spec.eval.options()),
+                "task": None, "metrics": {}, "reward": None, "kl": None, "length": None, "eval_s": 0.0,
+            })
+    log = bench.dir / "runs" / entry / EVAL_LOG
+    reason = None
+    if with_task:
+        options = json.dumps(options_record(bench.spec.eval.options()))
+        result = run_child(python_module("prefopt.bench.evaluate", "--options", options,
+                                         *[str(run.dir / RECIPE_FILE) for run in with_task]), log)
+        if not result.ok:
+            reason = failure_reason(result, log)
+    failures = []
+    for run in runs:
+        evaluated = read_json(run.dir / EVAL_FILE)
+        if evaluated is None or not _evaluation_current(bench, run.dir, dump_recipe(run.recipe)):
+            line = f"{run.label}: evaluation failed ({reason or last_error_line(log)}); log {log}"
+            failures.append(line)
+        else:
+            line = f"{run.label}: evaluated: {_shown(evaluated)}"
+        say(line)
+    return failures
+
+
+def evaluate_initial(bench: Bench, say) -> None:
+    """Evaluate the untrained initial model once (again when the recipe or evaluation settings change)."""
+    if bench.initial is None or bench.initial.data.task is None:
+        return
+    directory = bench.initial_dir
+    text = dump_recipe(bench.initial)
+    if _evaluation_current(bench, directory, text):
+        say(f"initial model: evaluated earlier: {_shown(read_json(directory / EVAL_FILE))}")
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / RECIPE_FILE).write_text(text)
+    log = directory / EVAL_LOG
+    say(f"initial model: evaluating (the task data is built first if it is not cached yet); log {log}")
+    options = json.dumps(options_record(bench.spec.eval.options()))
+    result = run_child(python_module("prefopt.bench.evaluate", "--initial", "--options", options,
+                                     str(directory / RECIPE_FILE)), log)
+    if not result.ok or not _evaluation_current(bench, directory, text):
+        raise PrefoptError(f"evaluating the initial model failed ({failure_reason(result, log)}); log {log}")
+    say(f"initial model: {_shown(read_json(directory / EVAL_FILE))}")
+
+
+def _shown(evaluated: dict) -> str:
+    parts = [f"{name} {evaluated[key]:.4g}" for key, name in (("reward", "reward"), ("kl", "KL"), ("length", "length"))
+             if evaluated.get(key) is not None]
+    return ", ".join(parts) or "no task metrics"

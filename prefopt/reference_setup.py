@@ -1,0 +1,204 @@
+"""Which references a run holds its policy to, built from the recipe's ``reference`` section.
+
+A run has one *primary* reference and, for a loss that declares ``multi_reference`` (MRPO), the extra
+models listed in ``reference.extra``. The primary reference is one of
+
+- a cache: log-probs computed once (by the initial policy, the policy with its LoRA adapter off, or the
+  model at ``reference.path``) into the content-addressed on-disk cache; the default;
+- live: the same models run on every batch;
+- following: the policy's own weights, synced into the reference every ``reference.sync.every`` steps
+  (TR-DPO), kept by ``prefopt.following``; it cannot be cached because it changes.
+
+Extra references are computed into the cache *before* the policy is loaded and freed right after, so a
+multi-reference run holds no more models in memory while it trains than a single-reference one.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .batching import PreferenceBatch
+from .data.types import TokenizedPairs
+from .errors import PrefoptError
+from .following import FollowingReference
+from .logprobs import SequenceLogps
+from .model import base_weights_fingerprint, is_peft, load_causal_lm, load_tokenizer, resolve_model_path
+from .reference import CachedReference, LiveReference, build_cache, cache_key, cache_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReferenceSet:
+    """The references of one split (train or eval): primary first. Calling it scores a batch under each."""
+
+    providers: list[Any]
+    following: FollowingReference | None = None
+
+    def __call__(self, batch: PreferenceBatch) -> list[SequenceLogps]:
+        return [provider(batch) for provider in self.providers]
+
+    @property
+    def forward_passes(self) -> int:
+        return sum(p.forward_passes for p in self.providers)
+
+
+@dataclass
+class References:
+    """What ``setup`` gets back: the train and eval sets, and a description for the run summary."""
+
+    train: ReferenceSet
+    eval: ReferenceSet | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def check_reference_recipe(recipe, loss, sharded: bool) -> None:
+    """Refuse combinations that cannot give the reference the recipe asks for, before any model loads."""
+    r = recipe.reference
+    if r.extra and not loss.multi_reference:
+        raise PrefoptError(
+            f"reference.extra lists {len(r.extra)} model(s) but loss {loss.name!r} uses one reference; remove "
+            "reference.extra or pick a multi-reference loss (prefopt list)"
+        )
+    if loss.multi_reference and not r.extra:
+        raise PrefoptError(
+            f"loss {loss.name!r} compares several references: list the models beyond the primary one in "
+            "reference.extra (hub ids or local directories)"
+        )
+    if r.sync is None:
+        return
+    if r.kind == "cache":
+        raise PrefoptError("reference.sync moves the reference during training, so it cannot be cached: "
+                           "set reference.kind=live (or auto)")
+    if r.path is not None:
+        raise PrefoptError("reference.sync makes the reference follow the policy from the policy's own initial "
+                           "weights; remove reference.path")
+    if sharded:
+        raise PrefoptError("reference.sync needs the whole policy on each process, which FSDP or ZeRO-3 do not "
+                           "hold; train with DDP or drop reference.sync")
+
+
+def build_extra_caches(recipe, tokenizer, splits: list[TokenizedPairs | None], device, show_progress: bool,
+                       say: Callable[[str], None], main_process_first) -> tuple[list[list[CachedReference | None]], list]:
+    """Each ``reference.extra`` model's log-probs over every split, into the cache; one model in memory at a
+    time, freed before the next (and before the policy loads). Returns caches[extra][split] and summaries."""
+    caches, info = [], []
+    r, m = recipe.reference, recipe.model
+    for path in r.extra:
+        resolved = resolve_model_path(path)
+        _check_same_vocabulary(path, resolved, tokenizer, m.trust_remote_code)
+        model = load_causal_lm(resolved, dtype=m.dtype, trust_remote_code=m.trust_remote_code).to(device)
+        model.requires_grad_(False)
+        live = LiveReference(model, chunk_size=recipe.train.logprob_chunk_size)
+        fingerprint = base_weights_fingerprint(model)
+        per_split, hits = [], []
+        for pairs in splits:
+            if pairs is None:
+                per_split.append(None)
+                continue
+            target = cache_path(cache_key(fingerprint, pairs, f"{m.dtype}/{recipe.train.mixed_precision}"))
+            hits.append(target.exists())
+            with main_process_first():
+                if not target.exists():
+                    say(f"reference {path}: computing log-probs of {len(pairs)} pairs once into {target}")
+                    build_cache(live, pairs, target, batch_size=r.batch_size, pad_id=tokenizer.pad_token_id,
+                                device=device, show_progress=show_progress)
+            per_split.append(CachedReference(target))
+        info.append({"source": path, "hit": all(hits), "forward_passes": live.forward_passes})
+        caches.append(per_split)
+        del live, model  # freed before the next model loads
+        gc.collect()
+    return caches, info
+
+
+def _check_same_vocabulary(name: str, path: str, tokenizer, trust_remote_code: bool) -> None:
+    """Every reference scores the policy's token ids, so their vocabularies must be the same."""
+    theirs = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise PrefoptError(
+            f"reference.extra {name!r} has a different tokenizer vocabulary from model.path; every reference "
+            "must score the same token ids, so use models that share the policy's tokenizer"
+        )
+
+
+def build_primary(recipe, accelerator, policy, tokenizer, train_pairs, eval_pairs, show_progress,
+                  say) -> tuple[Any, Any, FollowingReference | None, dict[str, Any]]:
+    """The primary reference for training and evaluation, the following reference if any, and a summary.
+    ``policy`` is the initial policy, not yet wrapped for distribution."""
+    r = recipe.reference
+    chunk, autocast = recipe.train.logprob_chunk_size, accelerator.autocast
+    # A live reference scores batches in the training layout; a cache is always built padded, so its numbers
+    # depend only on what its key hashes (the layouts agree to float rounding, but a cache is exact).
+    kind = "cache" if r.kind == "auto" else r.kind
+    layout = {"layout": recipe.train.layout} if kind == "live" or r.sync is not None else {}
+    if r.sync is not None:
+        following = FollowingReference(policy, chunk_size=chunk, autocast=autocast, **layout)
+        alpha = 1.0 if r.sync.mode == "hard" else r.sync.alpha
+        say(f"reference: follows the policy ({r.sync.mode} sync, alpha {alpha}, every {r.sync.every} steps)")
+        info = {"kind": "following", "source": "policy", "sync": r.sync.model_dump()}
+        return following, following, following, info
+
+    if r.path is not None:
+        ref_model = load_causal_lm(
+            resolve_model_path(r.path), dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code
+        ).to(accelerator.device)
+        ref_model.requires_grad_(False)
+        live = LiveReference(ref_model, chunk_size=chunk, autocast=autocast, **layout)
+        source = r.path
+    elif is_peft(policy):
+        live = LiveReference(policy, disable_adapter=True, chunk_size=chunk, autocast=autocast, **layout)
+        source = "policy with its LoRA adapter disabled"
+    elif kind == "live":
+        ref_model = copy.deepcopy(policy).requires_grad_(False)
+        live = LiveReference(ref_model, chunk_size=chunk, autocast=autocast, **layout)
+        source = "frozen copy of the initial policy"
+    else:
+        # The policy has not trained yet, so it *is* the initial model: no copy needed to fill the cache.
+        live = LiveReference(policy, chunk_size=chunk, autocast=autocast, **layout)
+        source = "initial policy"
+    info: dict[str, Any] = {"kind": kind, "source": source}
+    if kind == "live":
+        say(f"reference: {source}, computed live every step")
+        return live, live, None, info
+
+    fingerprint = base_weights_fingerprint(live.model)
+    info["weights"] = fingerprint  # sha256 of the reference's weights (LoRA adapters excluded)
+    dtype = f"{recipe.model.dtype}/{recipe.train.mixed_precision}"
+    caches = []
+    for pairs in (train_pairs, eval_pairs):
+        if pairs is None:
+            caches.append(None)
+            continue
+        path = cache_path(cache_key(fingerprint, pairs, dtype))
+        hit = path.exists()
+        with accelerator.main_process_first():  # one process builds, the others then find it
+            if not path.exists():
+                say(f"reference: computing log-probs of {len(pairs)} pairs once into {path}")
+                build_cache(live, pairs, path, batch_size=r.batch_size, pad_id=tokenizer.pad_token_id,
+                            device=accelerator.device, show_progress=show_progress)
+        say(f"reference: {'reusing' if hit else 'built'} cache {path}")
+        caches.append(CachedReference(path))
+        info.setdefault("caches", []).append({"path": str(path), "hit": hit})
+    info["forward_passes"] = live.forward_passes
+    return caches[0], caches[1], None, info
+
+
+def assemble(primary_train, primary_eval, following, extra_caches, info, extra_info) -> References:
+    """Primary and extra references put together per split."""
+    train = ReferenceSet([primary_train] + [c[0] for c in extra_caches], following)
+    evaluation = None
+    if primary_eval is not None:
+        evaluation = ReferenceSet([primary_eval] + [c[1] for c in extra_caches], following)
+    if extra_info:
+        info = {**info, "extra": extra_info}
+    return References(train, evaluation, info)
+
+
+def sync_due(recipe, step_done: int) -> bool:
+    """Whether the following reference syncs after optimizer step ``step_done`` (1-based)."""
+    sync = recipe.reference.sync
+    return sync is not None and step_done % sync.every == 0
