@@ -44,18 +44,24 @@ class PreferenceBatch:
         return int(self.response_mask.sum())
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int) -> PreferenceBatch:
-    """Pad ``pairs`` into one batch: all chosen sequences first, then all rejected ones."""
-    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+def pad_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(prompt, response) id sequences, right-padded: input ids, attention mask and response mask."""
     width = max(len(prompt) + len(response) for prompt, response in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     response_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
     for row, (prompt, response) in enumerate(sequences):
         length = len(prompt) + len(response)
-        input_ids[row, :length] = torch.tensor(prompt + response, dtype=torch.long)
+        input_ids[row, :length] = torch.tensor([*prompt, *response], dtype=torch.long)
         attention_mask[row, :length] = 1
         response_mask[row, len(prompt) : length] = True
+    return input_ids, attention_mask, response_mask
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int) -> PreferenceBatch:
+    """Pad ``pairs`` into one batch: all chosen sequences first, then all rejected ones."""
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    input_ids, attention_mask, response_mask = pad_sequences(sequences, pad_id)
     labels = None
     if pairs and pairs[0].label is not None:
         labels = torch.tensor([p.label for p in pairs], dtype=torch.bool)

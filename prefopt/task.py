@@ -107,21 +107,13 @@ def completion_logps(
     """
     import torch
 
-    from .batching import PreferenceBatch
+    from .batching import PreferenceBatch, pad_sequences
     from .logprobs import sequence_logps
 
     sums: list[float] = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
-        width = max(len(prompt) + len(completion) for prompt, completion in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        response_mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for row, (prompt, completion) in enumerate(chunk):
-            length = len(prompt) + len(completion)
-            input_ids[row, :length] = torch.tensor([*prompt, *completion], dtype=torch.long)
-            attention_mask[row, :length] = 1
-            response_mask[row, len(prompt) : length] = True
+        input_ids, attention_mask, response_mask = pad_sequences(chunk, pad_id)
         # Rows are sequences, not pairs: the padded layout reads every row alike and ignores the pairing.
         batch = PreferenceBatch(input_ids, attention_mask, response_mask, torch.arange(len(chunk)))
         with torch.no_grad():

@@ -63,3 +63,15 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
+
+
+def one_line_error(capsys, argv) -> str:
+    """Run the CLI on ``argv``: it must exit 2 with exactly one line on stderr, no traceback."""
+    from prefopt.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("prefopt: error: ")
+    return err

@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 
+from helpers import one_line_error
 from prefopt.cli import main
 
 
@@ -27,45 +28,36 @@ def recipe_file(tmp_path, tiny_model_dir, pairs_file):
     return write
 
 
-def _one_line_error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("prefopt: error: ")
-    return err
-
-
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
 
 def test_unknown_key_names_its_path_and_the_closest_key(capsys, recipe_file):
-    err = _one_line_error(capsys, ["validate", recipe_file(), "train.learning_rat=1e-5"])
+    err = one_line_error(capsys, ["validate", recipe_file(), "train.learning_rat=1e-5"])
     assert "train.learning_rat: unknown key (did you mean 'learning_rate'?)" in err
 
 
 def test_bad_type_names_the_key_and_the_value(capsys, recipe_file):
-    err = _one_line_error(capsys, ["validate", recipe_file(), "train.batch_size=eight"])
+    err = one_line_error(capsys, ["validate", recipe_file(), "train.batch_size=eight"])
     assert "train.batch_size" in err and "'eight'" in err
 
 
 def test_unknown_loss_name_suggests_the_closest(capsys, recipe_file):
-    err = _one_line_error(capsys, ["train", recipe_file(), "loss.name=dpoo"])
+    err = one_line_error(capsys, ["train", recipe_file(), "loss.name=dpoo"])
     assert "loss.name: unknown loss 'dpoo' (did you mean 'dpo'" in err
 
 
 def test_missing_column_names_the_file_the_column_and_the_fix(capsys, recipe_file, tmp_path):
     data = _write_jsonl(tmp_path / "renamed.jsonl", [{"prompt": "a", "good": "b", "rejected": "c"}] * 4)
-    err = _one_line_error(capsys, ["train", recipe_file(path=data), "--no-progress"])
+    err = one_line_error(capsys, ["train", recipe_file(path=data), "--no-progress"])
     assert "renamed.jsonl" in err and "'chosen'" in err and "data.columns.chosen" in err
 
 
 def test_empty_file_is_named(capsys, recipe_file, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    err = _one_line_error(capsys, ["train", recipe_file(path=str(empty)), "--no-progress"])
+    err = one_line_error(capsys, ["train", recipe_file(path=str(empty)), "--no-progress"])
     assert "empty.jsonl" in err and "empty" in err
 
 
@@ -73,7 +65,7 @@ def test_prompt_longer_than_max_length_names_the_row_and_the_fixes(capsys, recip
     rows = [{"prompt": "fine", "chosen": " yes", "rejected": " no"}] * 3
     rows.insert(2, {"prompt": "word " * 100, "chosen": " yes", "rejected": " no"})
     data = _write_jsonl(tmp_path / "long.jsonl", rows)
-    err = _one_line_error(capsys, ["train", recipe_file(path=data), "--no-progress"])
+    err = one_line_error(capsys, ["train", recipe_file(path=data), "--no-progress"])
     assert "long.jsonl" in err and "row 2" in err and "max_length" in err and "invalid_rows=skip" in err
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
+from helpers import one_line_error
 from prefopt.cli import main
 from prefopt.errors import PrefoptError
 from prefopt.extrapolate import extrapolate
@@ -49,15 +50,6 @@ def _assert_extrapolated(out: Path, sft: Path, aligned: Path, alpha: float) -> N
     for name, param in result.items():
         expected = theta0[name] + alpha * (theta1[name] - theta0[name])
         torch.testing.assert_close(param, expected, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
-
-
-def _one_line_error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("prefopt: error: ")
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +140,7 @@ def test_untied_output_head_is_extrapolated_on_its_own(tmp_path, tokenizer):
 
 def test_a_different_architecture_is_one_line_naming_the_parameter(sft, tmp_path, tokenizer, capsys):
     other = _random_model(tmp_path / "other", tokenizer, seed=0, intermediate_size=48)
-    err = _one_line_error(capsys, ["extrapolate", str(sft), str(other), "--out", str(tmp_path / "o"),
+    err = one_line_error(capsys, ["extrapolate", str(sft), str(other), "--out", str(tmp_path / "o"),
                                    "--alpha", "1.3", "--no-progress"])
     assert "'model.layers.0.mlp.gate_proj.weight' has shape (64, 32) in the SFT model and (48, 32)" in err
     assert not (tmp_path / "o").exists()
@@ -186,7 +178,7 @@ def test_a_lora_adapter_is_merged_before_extrapolating(sft, tmp_path):
 
 @pytest.mark.parametrize("flags", [[], ["--alpha", "1.3", "--paper-alpha", "0.3"]], ids=["neither", "both"])
 def test_cli_needs_exactly_one_alpha_flag(flags, tmp_path, capsys):
-    err = _one_line_error(capsys, ["extrapolate", "sft", "aligned", "--out", str(tmp_path / "o")] + flags)
+    err = one_line_error(capsys, ["extrapolate", "sft", "aligned", "--out", str(tmp_path / "o")] + flags)
     assert "exactly one of --alpha A or --paper-alpha A" in err
 
 
@@ -201,7 +193,7 @@ def test_a_non_empty_output_is_kept_unless_overwrite(sft, aligned, tmp_path, cap
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     argv = ["extrapolate", str(sft), str(aligned), "--out", str(out), "--alpha", "1.3", "--no-progress"]
-    assert "exists and is not empty" in _one_line_error(capsys, argv)
+    assert "exists and is not empty" in one_line_error(capsys, argv)
     assert (out / "keep.txt").read_text() == "mine"
     assert main(argv + ["--overwrite"]) == 0
     assert not (out / "keep.txt").exists()
@@ -210,6 +202,6 @@ def test_a_non_empty_output_is_kept_unless_overwrite(sft, aligned, tmp_path, cap
 
 
 def test_an_input_directory_is_never_the_output(sft, aligned, capsys):
-    err = _one_line_error(capsys, ["extrapolate", str(sft), str(aligned), "--out", str(aligned),
+    err = one_line_error(capsys, ["extrapolate", str(sft), str(aligned), "--out", str(aligned),
                                    "--alpha", "1.3", "--overwrite", "--no-progress"])
     assert "holds the input model" in err

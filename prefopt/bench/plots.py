@@ -64,25 +64,25 @@ def _legend(ax, count: int) -> None:
 
 
 def frontier(path: Path, rows: list[dict], records: list[dict], initial: dict | None, styles: dict) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    _scatter(ax, rows, records, styles, "kl", "reward", initial)
-    ax.set_xlabel("KL(policy || reference) of sampled completions (nats per sequence)")
-    ax.set_ylabel("mean reward of sampled completions")
-    ax.set_title("Reward vs KL: one faint point per run, the entry mean labelled")
-    _legend(ax, len(records) + (initial is not None))
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _scatter_figure(path, rows, records, initial, styles, "kl",
+                           "KL(policy || reference) of sampled completions (nats per sequence)",
+                           "Reward vs KL: one faint point per run, the entry mean labelled")
 
 
 def length_reward(path: Path, rows: list[dict], records: list[dict], initial: dict | None, styles: dict) -> Path:
+    return _scatter_figure(path, rows, records, initial, styles, "length", "mean completion length (tokens)",
+                           "Reward vs completion length")
+
+
+def _scatter_figure(path: Path, rows: list[dict], records: list[dict], initial: dict | None, styles: dict,
+                    x: str, xlabel: str, title: str) -> Path:
+    """Reward (y) against ``x``: every run, each entry's mean, the initial model."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    _scatter(ax, rows, records, styles, "length", "reward", initial)
-    ax.set_xlabel("mean completion length (tokens)")
+    _scatter(ax, rows, records, styles, x, "reward", initial)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("mean reward of sampled completions")
-    ax.set_title("Reward vs completion length")
+    ax.set_title(title)
     _legend(ax, len(records) + (initial is not None))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
