@@ -734,6 +734,8 @@ def report(args, workdir: Path) -> None:
                 continue
             out["summary"] = summarize(out["raw"], args.batch_size)
             results[config["name"]].append(out)
+            if args.json:  # after every run, so an interrupted benchmark keeps what it measured
+                write_json(args, spec, results, failures, complete=False)
             s = out["summary"]
             print(f"  [{repeat + 1}/{args.repeats}] {config['name']:22s} {s['tokens_per_s']:8.0f} tok/s  "
                   f"{s['wall_s_per_step']:6.2f} s/step  peak {s['peak_rss_mib']:6.0f} MiB  ({out['seconds']:.0f} s)",
@@ -751,17 +753,30 @@ def report(args, workdir: Path) -> None:
     print_tokenization(tokenization)
 
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "settings": {k: v for k, v in vars(args).items() if k not in ("child", "spec", "json")},
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
-            "threads": spec["threads"], "model": model, "data": data, "configs": configs,
-            "runs": {name: [{"seconds": r["seconds"], "summary": r["summary"], "raw": r["raw"]} for r in runs]
-                     for name, runs in results.items()},
-            "failures": failures, "medians": medians, "losses": losses, "tokenization": tokenization, "goals": goals,
-        }, indent=1, default=str))
+        write_json(args, spec, results, failures, complete=True, medians=medians, losses=losses,
+                   tokenization=tokenization, goals=goals)
         print(f"\nwrote {args.json}")
+
+
+def write_json(args, spec: dict, results: dict, failures: dict, complete: bool, **derived) -> None:
+    """Every raw number (and, once the runs are done, what was derived from them) to ``--json``."""
+    import torch
+    import transformers
+    import trl
+
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.json.with_name(args.json.name + ".tmp")
+    tmp.write_text(json.dumps({
+        "complete": complete,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("child", "spec", "json")},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "threads": spec["threads"], "model": spec["model"], "data": spec["data"], "configs": spec["configs"],
+        "runs": {name: [{"seconds": r["seconds"], "summary": r["summary"], "raw": r["raw"]} for r in runs]
+                 for name, runs in results.items()},
+        "failures": failures, **derived,
+    }, indent=1, default=str))
+    os.replace(tmp, args.json)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ before anything trains, and every problem is reported at once, naming the entry.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,7 +189,7 @@ def load_bench(path: str | Path, plugins=None, *, with_runs: bool = True) -> Ben
     except ValidationError as exc:
         problems = [_describe(e, tree) for e in exc.errors()]
         raise RecipeError(str(path), list(dict.fromkeys(problems))) from None
-    base = path.parent / spec.base
+    base = Path(os.path.normpath(path.parent / spec.base))  # recipes/dpo/x.yaml, not recipes/bench/../dpo/x.yaml
     if not base.is_file():
         raise RecipeError(str(path), [f"base: {base} not found (base is relative to the bench file's folder)"])
     bench = Bench(path=path, spec=spec, base=base, dir=Path(spec.output.dir), runs=(), initial=None)

@@ -39,7 +39,8 @@ EXPLANATION = (
     "KL: mean over those samples of log pi(y|x) - log pi_ref(y|x) summed over the completion's tokens "
     "(nats; pi_ref is the run's reference). length: completion tokens. accuracy: held-out preference "
     "accuracy of the implicit reward after training. tokens/s: median over training steps. peak RSS: "
-    "maximum resident memory of the training process. train s: its wall time."
+    "maximum resident memory of the training process. train s: its wall time, which for the first run of a "
+    "seed includes building the caches later runs share (task data, reference log-probs)."
 )
 
 
@@ -69,7 +70,8 @@ def _setup_lines(bench: Bench, rows: list[dict], initial: dict | None) -> list[s
     overrides = ", ".join(f"`{o}`" for o in spec.overrides) or "none"
     e = spec.eval
     asked = [f"{e.num_prompts} held-out prompts" if e.num_prompts else "the task's held-out prompts",
-             f"{e.samples_per_prompt} samples each" if e.samples_per_prompt else "the task's samples per prompt",
+             f"{e.samples_per_prompt} sample{'s' * (e.samples_per_prompt > 1)} each" if e.samples_per_prompt
+             else "the task's samples per prompt",
              f"up to {e.max_new_tokens} new tokens" if e.max_new_tokens else "the task's length limit"]
     digests = {r.get("eval_data_sha256") for r in rows} | ({initial.get("eval_data_sha256")} if initial else set())
     digests.discard(None)
