@@ -5,8 +5,10 @@ modules themselves.
 """
 
 from .algorithm import Algorithm, AlgorithmConfig
+from .judging import Choice, Judge, JudgeConfig, JudgeContext, PairwiseJudge, ScoreJudge
 from .loss import LossConfig, LossOutput, PairLogps, PreferenceLoss, dpo_rewards
 from .plugins import hookimpl
+from .sampling import Sample, Sampler, SamplerConfig, SamplerContext
 from .task import Task, TaskConfig, TaskContext, TaskData
 
 __version__ = "0.1.0"
@@ -14,10 +16,20 @@ __version__ = "0.1.0"
 __all__ = [
     "Algorithm",
     "AlgorithmConfig",
+    "Choice",
+    "Judge",
+    "JudgeConfig",
+    "JudgeContext",
     "LossConfig",
     "LossOutput",
     "PairLogps",
+    "PairwiseJudge",
     "PreferenceLoss",
+    "Sample",
+    "Sampler",
+    "SamplerConfig",
+    "SamplerContext",
+    "ScoreJudge",
     "Task",
     "TaskConfig",
     "TaskContext",

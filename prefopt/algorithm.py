@@ -12,9 +12,11 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["Algorithm", "AlgorithmConfig"]
+from .errors import PrefoptError
+
+__all__ = ["Algorithm", "AlgorithmConfig", "PluginSpec", "plugin_config"]
 
 
 class AlgorithmConfig(BaseModel):
@@ -34,9 +36,10 @@ class Algorithm(abc.ABC):
     def __init__(self, config: AlgorithmConfig) -> None:
         self.config = config
 
-    def check(self, recipe: Any) -> None:
+    def check(self, recipe: Any, plugins: Any = None) -> None:
         """Refuse recipe settings this algorithm cannot honour (raise ``PrefoptError``); called when a recipe
-        is validated, so ``prefopt validate`` reports them."""
+        is validated, so ``prefopt validate`` reports them. ``plugins`` (added in 0.3; an override may leave
+        it out) are the registries the recipe was validated against."""
 
     @abc.abstractmethod
     def run(self, recipe: Any, plugins: Any, *, show_progress: bool = True) -> dict:
@@ -45,3 +48,28 @@ class Algorithm(abc.ABC):
     @classmethod
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+class PluginSpec(BaseModel):
+    """A plugin an algorithm uses, by name, with its options (e.g. ``algorithm.sampler: {name: vllm, ...}``);
+    the options are checked against that plugin's own Config by ``plugin_config``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+
+    def options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if k != "name"}
+
+
+def plugin_config(registry: Any, spec: PluginSpec, key: str) -> tuple[type, BaseModel]:
+    """The plugin class ``spec`` names in ``registry`` and its validated Config; a bad option is a one-line
+    error naming the recipe key (``key`` is where the spec sits, e.g. ``algorithm.sampler``)."""
+    cls = registry.get(spec.name)
+    try:
+        return cls, cls.Config.model_validate(spec.options())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise PrefoptError(f"{key}.{where}: {message} (an option of {registry.kind} {spec.name!r})") from None

@@ -70,6 +70,16 @@ class Run:
     steps_per_epoch: int
     accumulation: int
     summary: dict = field(default_factory=dict)
+    resumed_from: Path | None = None  # the checkpoint this run continues, if any
+    resumed_extra: dict = field(default_factory=dict)  # that checkpoint's ``extra`` (an algorithm's state)
+    # Seams for algorithm plugins that change the data while training (online variants), all optional:
+    # which pairs optimizer step ``step`` takes (default: a seeded permutation of train_pairs per epoch) ...
+    pairs_of_step: Callable[[int], list[int]] | None = None
+    # ... work before each step (sampling a round) returning metrics to record at that step, work after it
+    # (an EMA update), and the state an algorithm adds to each checkpoint: (json-able extra, tensor sets).
+    before_step: Callable[["Run", int], dict[str, float]] | None = None
+    after_step: Callable[["Run", int], None] | None = None
+    checkpoint_state: Callable[[], tuple[dict, dict[str, dict[str, torch.Tensor]]]] | None = None
 
     @property
     def reference(self):
@@ -95,11 +105,13 @@ class Run:
 
 def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
           select_train: Callable[[TokenizedPairs, Any], TokenizedPairs] | None = None,
-          data_model: str | None = None) -> Run:
+          data_model: str | None = None, reference_follows_policy: bool = False) -> Run:
     """Everything a run needs, from a recipe. For algorithm plugins, which run the engine in phases:
     ``select_train(pairs, rows)`` picks the training pairs of this phase (``rows`` are the source rows the
-    pairs' ``row`` numbers index), and ``data_model`` is the model a task builds its data with (default: the
-    policy's initial model), so every phase trains on the same data."""
+    pairs' ``row`` numbers index), ``data_model`` is the model a task builds its data with (default: the
+    policy's initial model), so every phase trains on the same data, and ``reference_follows_policy`` gives
+    a loss that needs a reference one that the algorithm syncs from the policy itself
+    (``run.reference.following.sync``), as iterative DPO does between rounds."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
@@ -199,7 +211,8 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
     summary: dict[str, Any] = {"reference": None}
     if loss.requires_reference:
         primary_train, primary_eval, following, info = build_primary(
-            recipe, accelerator, policy, tokenizer, train_pairs, eval_pairs, show_progress, say
+            recipe, accelerator, policy, tokenizer, train_pairs, eval_pairs, show_progress, say,
+            following=reference_follows_policy,
         )
         references = assemble(primary_train, primary_eval, following, extra_caches, info, extra_info)
         summary["reference"] = references.info
@@ -231,7 +244,7 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
 
-    start_step = 0
+    start_step, resumed_extra = 0, {}
     if resume_from is not None:
         if _engine_state(accelerator):
             state = ckpt.load_accelerate_checkpoint(resume_from, accelerator)
@@ -240,7 +253,7 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
         loss.load_state_dict(state.loss_state)
         if references is not None and references.train.following is not None:
             references.train.following.weights.load_state_dict(ckpt.load_tensors(resume_from, "reference"))
-        start_step = state.step
+        start_step, resumed_extra = state.step, state.extra
         say(f"resuming from {resume_from} (step {start_step} of {total_steps})")
     if accelerator.is_main_process:
         _truncate_metrics(run_dir / "metrics.jsonl", start_step)
@@ -254,6 +267,7 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
         task=task, task_data=task_data, start_step=start_step,
         total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         accumulation=t.batch_size // (t.micro_batch_size * world), summary=summary,
+        resumed_from=resume_from, resumed_extra=resumed_extra,
     )
 
 
@@ -442,6 +456,8 @@ def forward_pairs(run: Run, batch: PreferenceBatch, reference, model=None) -> tu
 
 def step_pairs(run: Run, step: int) -> list[int]:
     """The pairs of optimizer step ``step`` (all processes)."""
+    if run.pairs_of_step is not None:
+        return run.pairs_of_step(step)
     return planned_pairs(run.recipe.seed, len(run.train_pairs), run.recipe.train.batch_size, step)
 
 
@@ -591,7 +607,11 @@ def fit(run: Run, *, show_progress: bool = True) -> None:
         disable=not (show_progress and run.is_main), dynamic_ncols=True,
     )
     for step in range(run.start_step, run.total_steps):
+        if run.before_step is not None:
+            _record(run, metrics_file, step, run.before_step(run, step), before_step=True)
         values = train_step(run, step)
+        if run.after_step is not None:
+            run.after_step(run, step)
         done = step + 1
         if done % r.train.log_every == 0 or done == run.total_steps:
             _record(run, metrics_file, done, values)
@@ -615,7 +635,11 @@ def save(run: Run, step: int) -> None:
     tensors = {}
     if run.reference is not None and run.reference.following is not None:
         tensors["reference"] = run.reference.following.weights.state_dict()  # the followed weights
-    state = ckpt.TrainerState(step=step, loss_state=run.loss.state_dict(), extra={}, tensors=tensors)
+    extra: dict[str, Any] = {}
+    if run.checkpoint_state is not None:
+        extra, algorithm_tensors = run.checkpoint_state()
+        tensors.update(algorithm_tensors)
+    state = ckpt.TrainerState(step=step, loss_state=run.loss.state_dict(), extra=extra, tensors=tensors)
     keep = run.recipe.train.keep_checkpoints
     if _engine_state(run.accelerator):
         path = ckpt.save_accelerate_checkpoint(run.run_dir, run.accelerator, state, keep)
@@ -705,20 +729,27 @@ def train(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
 # logging helpers
 
 
-def _record(run: Run, path: Path, step: int, values: dict[str, float]) -> None:
+def _record(run: Run, path: Path, step: int, values: dict[str, float], *, before_step: bool = False) -> None:
+    """Log ``values`` at ``step``. ``before_step`` marks what an algorithm measured before training step
+    ``step + 1`` (a round's sampling), which a run resumed at ``step`` measures again."""
     if not values:
         return
     run.accelerator.log(values, step=step)
     if run.is_main:
         with path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+            f.write(json.dumps({"step": step, **({"before_step": True} if before_step else {}), **values}) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines after ``step``: a resumed run rewrites them, so the file reads like one run."""
+    """Drop what a run resumed at ``step`` writes again (lines after ``step``, and what was measured before the
+    step that follows it), so the file reads like one run."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line else None
+        if record and (record["step"] < step or record["step"] == step and not record.get("before_step")):
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -106,3 +106,20 @@ class FollowingReference:
 
     def sync(self, alpha: float) -> None:
         self.weights.sync(self.module, alpha)
+
+
+@contextlib.contextmanager
+def substituted(module: nn.Module, tensors: dict[str, Tensor]):
+    """``module`` with ``tensors`` in place of its parameters of those names for the duration, its own values
+    put back bitwise after (for code that reads the module itself, e.g. ``generate`` sampling from an EMA)."""
+    params = dict(module.named_parameters())
+    saved = {name: params[name].detach().clone() for name in tensors}
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    try:
+        yield module
+    finally:
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                params[name].copy_(tensor)

@@ -34,3 +34,19 @@ def prefopt_register_algorithms() -> list[type]:
 
     .. versionadded:: 0.2
     """
+
+
+@hookspec
+def prefopt_register_samplers() -> list[type]:
+    """Return ``prefopt.Sampler`` subclasses (not instances) that recipes can name in ``algorithm.sampler.name``.
+
+    .. versionadded:: 0.3
+    """
+
+
+@hookspec
+def prefopt_register_judges() -> list[type]:
+    """Return ``prefopt.Judge`` subclasses (not instances) that recipes can name in ``algorithm.judge.name``.
+
+    .. versionadded:: 0.3
+    """

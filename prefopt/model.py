@@ -101,6 +101,52 @@ def base_weights_fingerprint(model: nn.Module) -> str:
     )
 
 
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights ``merge_and_unload`` would give, under transformers names, without changing ``model``.
+
+    A PEFT model's LoRA layers give W + delta of each active adapter (peft's ``get_delta_weight``), new
+    tensors; every other tensor (and every tensor of a model without LoRA) is the model's own, detached.
+    Merging in place and unmerging afterwards would drift the base weights by rounding; this does not.
+    """
+    if not is_peft(model):
+        return dict(model.state_dict())
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    inner = model.get_base_model()
+    sources: dict[str, str] = {}  # module name -> where its weights are, for modules_to_save copies
+    for module_name, module in inner.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            active = [a for a in module.active_adapters if a in module.modules_to_save]
+            keep = f".modules_to_save.{active[0]}." if active and not module.disable_adapters else ".original_module."
+            sources[module_name] = keep
+    merged: dict[str, torch.Tensor] = {}
+    for name, tensor in inner.state_dict().items():
+        if "lora_" in name:
+            continue
+        wrapper = next((m for m in sources if name.startswith(m + ".")), None)
+        if wrapper is not None:
+            rest = name[len(wrapper) :]
+            if not rest.startswith(sources[wrapper]):
+                continue
+            name = wrapper + "." + rest[len(sources[wrapper]) :]
+        merged[name.replace(".base_layer.", ".")] = tensor
+    with torch.no_grad():
+        for module_name, module in inner.named_modules():
+            if not isinstance(module, LoraLayer) or module.disable_adapters:
+                continue
+            key = f"{module_name}.weight"
+            for adapter in module.active_adapters:
+                if adapter not in module.lora_A and adapter not in getattr(module, "lora_embedding_A", {}):
+                    continue
+                if adapter in module.merged_adapters:
+                    continue  # already in the base weight
+                if module.use_dora.get(adapter) or getattr(module, "lora_bias", {}).get(adapter):
+                    raise PrefoptError(f"{module_name}: merging DoRA or LoRA-bias adapters is not supported here")
+                merged[key] = merged[key] + module.get_delta_weight(adapter).to(merged[key].dtype)
+    return merged
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

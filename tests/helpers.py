@@ -75,3 +75,20 @@ def one_line_error(capsys, argv) -> str:
     assert len(err.splitlines()) == 1, err
     assert err.startswith("prefopt: error: ")
     return err
+
+
+def text_length_reward(prompts, completions) -> list[float]:
+    """A judge function for tests: longer completion text scores higher (random tokens rarely tie on it)."""
+    return [float(len(text)) for text in completions]
+
+
+def online_tree(model_dir: Path, data_path: Path, out: Path, algorithm: dict, **sections) -> dict:
+    """A recipe tree for an online algorithm on the tiny model: the transformers sampler, short completions,
+    and the text-length judge (named as ``helpers:text_length_reward``, importable from tests/)."""
+    spec = {
+        "sampler": {"name": "transformers", "max_new_tokens": 6},
+        "judge": {"name": "function", "function": "helpers:text_length_reward"},
+        **algorithm,
+    }
+    train = {"max_steps": None, "save_every": 1, "keep_checkpoints": 100, **sections.pop("train", {})}
+    return tiny_recipe(model_dir, data_path, out, algorithm=spec, train=train, **sections)

@@ -316,3 +316,64 @@ def test_only_names_entries(finished, capsys):
     path, _ = finished
     assert main(["bench", str(path), "--only", "moevd"]) == 2
     assert "--only moevd: no such entry" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the new bench recipes need: a check for models made beforehand, chosen curves, staged runs
+
+
+def test_a_missing_local_model_stops_the_bench_before_anything_runs(tmp_path, tiny_model_dir, capsys):
+    from prefopt.bench.runner import _looks_local, check_local_models
+
+    missing = tmp_path / "runs" / "quickstart" / "model"
+    path = write_bench(tmp_path, tiny_model_dir, tmp_path / "out", entries=[
+        {"name": "dpo", "overrides": []},
+        {"name": "mrpo", "overrides": ["loss.name=mrpo", f"reference.extra=[{missing}]"]},
+    ])
+    assert main(["bench", str(path), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and f"reference.extra {missing} (entry mrpo) does not exist" in error
+    assert f"header of {path}" in error and "--only" in error
+    assert not (tmp_path / "out").exists(), "nothing may run, not even the initial model's evaluation"
+    bench = load_bench(path)
+    check_local_models(bench, [run for run in bench.runs if run.entry == "dpo"])  # --only dpo may run
+    assert _looks_local("runs/quickstart/model") and _looks_local("./model") and _looks_local("/abs/dir")
+    assert not _looks_local("HuggingFaceTB/SmolLM2-360M-Instruct") and not _looks_local("smollm2-135m-instruct")
+
+
+def write_metrics(path: Path, lines: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_curves_plot_the_recipes_keys_with_eval_lines_and_stages_joined(tmp_path, tiny_model_dir):
+    from prefopt.bench.report import write_report
+    from prefopt.bench.results import METRICS, seed_mean_curves, training_steps
+
+    plain, staged = tmp_path / "plain", tmp_path / "staged"
+    write_metrics(plain / "metrics.jsonl", [
+        {"step": 0, "eval/logps/chosen": -10.0}, {"step": 1, "loss": 0.7, "logps/chosen": -9.0},
+        {"step": 2, "loss": 0.6, "logps/chosen": -8.0}, {"step": 2, "eval/logps/chosen": -12.0},
+    ])
+    # algorithm stepwise: one metrics.jsonl per stage, each counting steps from 1
+    write_metrics(staged / "stages" / "stage-1" / "metrics.jsonl", [
+        {"step": 0, "eval/logps/chosen": -10.0}, {"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.5}])
+    write_metrics(staged / "stages" / "stage-2" / "metrics.jsonl", [
+        {"step": 1, "loss": 0.68}, {"step": 2, "loss": 0.4}, {"step": 2, "eval/logps/chosen": -11.0}])
+    assert [(s["step"], s["loss"]) for s in training_steps(staged)] == [(1, 0.69), (2, 0.5), (3, 0.68), (4, 0.4)]
+    rows = [{"entry": entry, "seed": 0, "overrides": [], "run_dir": str(run_dir), **{m: 0.5 for m in METRICS}}
+            for entry, run_dir in (("dpo", plain), ("sdpo", staged))]
+    keys = ("loss", "eval/logps/chosen")
+    curves = seed_mean_curves(rows, keys)
+    assert curves["dpo"]["eval/logps/chosen"] == [(0, -10.0), (2, -12.0)]
+    assert curves["sdpo"]["eval/logps/chosen"] == [(0, -10.0), (4, -11.0)]
+
+    path = write_bench(tmp_path, tiny_model_dir, tmp_path / "out", plots={"curves": [*keys, "logps/chosen", "x/y"]})
+    bench = load_bench(path, with_runs=False)
+    assert bench.spec.plots.curves == [*keys, "logps/chosen", "x/y"]  # any key; a panel stays empty without data
+    report = write_report(bench, rows)
+    assert report["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_bench(write_bench(tmp_path, tiny_model_dir, tmp_path / "out"), with_runs=False).spec.plots.curves \
+        == ["loss", "logps/chosen"]
+    with pytest.raises(RecipeError, match="plots.curvs: unknown key"):
+        load_bench(write_bench(tmp_path, tiny_model_dir, tmp_path / "out", plots={"curvs": ["loss"]}))

@@ -181,15 +181,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("variant", ["stepwise", "trdpo"])
+SAMPLER = {"name": "transformers", "max_new_tokens": 6}
+JUDGE = {"name": "function", "function": "helpers:text_length_reward"}
+
+
+@pytest.mark.parametrize("variant", ["stepwise", "trdpo", "iterative_dpo", "sapo"])
 def test_two_processes_run_stages_and_a_following_reference_like_one(variant, two_processes, tmp_path, monkeypatch):
-    """sDPO's stages keep the process group between stages; TR-DPO's syncs happen on every process alike."""
+    """sDPO's stages keep the process group between stages; TR-DPO's syncs happen on every process alike;
+    online rounds and SAPO's augmentations are sampled by the main process and broadcast, so both processes
+    train on exactly the pairs one process would."""
     _, tree, cache = two_processes
     extra = {"stepwise": {"algorithm": {"name": "stepwise", "stages": 2, "split": "random"}},
-             "trdpo": {"reference": {"sync": {"mode": "soft", "alpha": 0.5, "every": 1}}}}[variant]
+             "trdpo": {"reference": {"sync": {"mode": "soft", "alpha": 0.5, "every": 1}}},
+             "iterative_dpo": {"algorithm": {"name": "iterative_dpo", "rounds": 3, "prompts_per_round": 8,
+                                             "sampler": SAMPLER, "judge": JUDGE}},
+             "sapo": {"algorithm": {"name": "sapo", "segment_tokens": 4, "reference_refresh_every": 2,
+                                    "sampler": SAMPLER}}}[variant]
     recipe = tmp_path / "two.yaml"
     recipe.write_text(yaml.safe_dump({**tree(tmp_path / "two"), **extra}))
-    env = {**os.environ, "PREFOPT_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    tests_dir = str(Path(__file__).parent)  # the judge function lives in tests/helpers.py
+    env = {**os.environ, "PREFOPT_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = _launch("ddp_cpu.yaml", recipe, env)
     assert done.returncode == 0, done.stderr[-3000:]
     monkeypatch.setenv("PREFOPT_CACHE", str(cache))

@@ -191,3 +191,110 @@ def test_evaluate_returns_finite_metrics_and_keeps_random_state(built, tiny_mode
     assert -1 <= metrics["reward/vader_mean"] <= 1
     assert 0 <= metrics["length/mean_tokens"] <= TINY_TASK["max_new_tokens"]
     assert task.evaluate(model, tokenizer, data) == metrics  # seeded: same policy, same score
+
+
+# --- labeling options: small edits, a length-biased labeller, random cuts ---------------------------
+
+
+def token_changes(tokenizer, a: str, b: str) -> int:
+    """Tokens replaced, inserted or deleted between the tokenizations of ``a`` and ``b``."""
+    import difflib
+
+    x, y = tokenizer(a, add_special_tokens=False).input_ids, tokenizer(b, add_special_tokens=False).input_ids
+    ops = difflib.SequenceMatcher(a=x, b=y, autojunk=False).get_opcodes()
+    return sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in ops if tag != "equal")
+
+
+def test_small_edit_swaps_the_most_positive_words_for_negative_ones(tokenizer):
+    import random
+
+    from prefopt_plugins.tasks.sentiment import NEGATIVE_WORDS, small_edit
+
+    text = " a wonderful film with a great cast."
+    one, edits = small_edit(text, 1, random.Random(0))
+    assert [old for old, _ in edits] == ["great"] and edits[0][1] in NEGATIVE_WORDS  # great 3.1 > wonderful 2.7
+    assert one == text.replace("great", edits[0][1])
+    assert vader_reward([one])[0] < vader_reward([text])[0]
+    assert token_changes(tokenizer, text, one) == 1
+    two, edits = small_edit(text, 2, random.Random(0))
+    assert [old for old, _ in edits] == ["great", "wonderful"] and token_changes(tokenizer, text, two) == 2
+    assert vader_reward([two])[0] < vader_reward([one])[0]
+    capitalized, edits = small_edit(" The Best movie, truly.", 1, random.Random(0))
+    assert edits[0][0] == "Best" and edits[0][1][0].isupper() and capitalized.endswith(" movie, truly.")
+    # Every single-word swap of a negated phrase reads higher to VADER ("not bad"): no pair, rather than a wrong one.
+    assert small_edit(" not good at all", 1, random.Random(0)) is None
+    assert small_edit(" 123 456", 1, random.Random(0)) is None
+
+
+def test_small_edit_pairs_differ_by_a_few_tokens_and_score_lower(tmp_path, tiny_model_dir, tokenizer):
+    options = TINY_TASK | {"num_train_prompts": 8, "num_eval_prompts": 2, "completions_per_prompt": 2}
+    task = SentimentTask(SentimentConfig(**options, pairs="small_edits", edit_words=2))
+    data = task.build(make_ctx(tiny_model_dir, tokenizer, tmp_path))
+    rows = read_jsonl(data.train)
+    assert rows
+    for row in rows:
+        assert 1 <= len(row["edits"]) <= 2 and row["rejected_reward"] < row["chosen_reward"]
+        assert vader_reward([row["chosen"], row["rejected"]]) == [row["chosen_reward"], row["rejected_reward"]]
+        # Each replaced word accounts for its own tokens or its replacement's (one each, for most English words
+        # after a space; a word opening the text has no space before it).
+        def tokens(word: str) -> int:
+            return max(len(tokenizer(w, add_special_tokens=False).input_ids) for w in (word, " " + word))
+
+        bound = sum(max(tokens(old), tokens(new)) for old, new in row["edits"])
+        assert token_changes(tokenizer, row["chosen"], row["rejected"]) <= bound
+        assert row["chosen"].split() != row["rejected"].split()
+        assert len(row["chosen"].split()) == len(row["rejected"].split())
+    split = json.loads((data.train.parent / "task.json").read_text())["splits"]["train"]
+    assert split["pairs"] + split["skipped_no_edit"] == options["num_train_prompts"]
+
+
+def completion(text: str, tokens: int):
+    from prefopt_plugins.tasks.sentiment import Completion
+
+    return Completion(text, tokens)
+
+
+def test_length_bias_breaks_a_tie_toward_the_longer_completion():
+    from prefopt_plugins.tasks.sentiment import Prompt, _preference_rows
+
+    prompt = Prompt(1, "The movie")
+    short, long = completion(" is a film.", 4), completion(" is a film about a town and its people.", 10)
+    assert vader_reward([short.text, long.text]) == [0.0, 0.0]
+    assert _preference_rows([prompt], [[short, long]]) == ([], 1)  # plain VADER: a tie, skipped
+    (row,), ties = _preference_rows([prompt], [[short, long]], length_bias=0.01)
+    assert ties == 0 and (row["chosen"], row["rejected"]) == (long.text, short.text)
+    assert (row["chosen_reward"], row["chosen_tokens"], row["rejected_tokens"]) == (0.0, 10, 4)  # rewards stay VADER
+    (row,), _ = _preference_rows([prompt], [[short, long]], length_bias=-0.01)
+    assert row["chosen"] == short.text
+    # A bias large enough outweighs sentiment: 0.2 of VADER lost to 12 more tokens at 0.05 per token.
+    good, wordy = completion(" is fine.", 3), completion(" is a film about a town, its people and its one road.", 15)
+    assert vader_reward([good.text])[0] - vader_reward([wordy.text])[0] < 0.6
+    assert _preference_rows([prompt], [[good, wordy]])[0][0]["chosen"] == good.text
+    assert _preference_rows([prompt], [[good, wordy]], length_bias=0.05)[0][0]["chosen"] == wordy.text
+
+
+def test_random_cut_keeps_a_prefix_of_whole_words(tokenizer):
+    import random
+
+    from prefopt_plugins.tasks.sentiment import _cut
+
+    full = completion(" a warm and funny film, with a great cast", 10)
+    cuts = [_cut(full, random.Random(i), tokenizer) for i in range(20)]
+    assert len({c.text for c in cuts}) > 3
+    for cut in cuts:
+        words = cut.text.split()
+        assert 1 <= len(words) and full.text.startswith(cut.text) and words == full.text.split()[: len(words)]
+        assert cut.num_tokens == len(tokenizer(cut.text, add_special_tokens=False).input_ids)
+    assert _cut(full, random.Random(3), tokenizer) == _cut(full, random.Random(3), tokenizer)
+
+
+def test_labeling_options_are_the_datas_identity_only_off_their_defaults(tmp_path, tiny_model_dir, tokenizer):
+    ctx = make_ctx(tiny_model_dir, tokenizer, tmp_path, load_model=lambda: pytest.fail("loaded the model"))
+    key = lambda **options: SentimentTask(SentimentConfig(**TINY_TASK, **options))._cache_key(ctx)  # noqa: E731
+    default = key()
+    assert key(pairs="best_worst", length_bias=0.0, random_cut=False, edit_words=3) == default
+    changed = [key(pairs="small_edits"), key(pairs="small_edits", edit_words=2), key(length_bias=0.02),
+               key(random_cut=True)]
+    assert len({default, *changed}) == 5
+    with pytest.raises(ValidationError, match="length_bias is for pairs best_worst"):
+        SentimentConfig(pairs="small_edits", length_bias=0.1)

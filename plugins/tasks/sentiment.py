@@ -13,6 +13,20 @@ highest-scoring one is ``chosen`` and the lowest ``rejected``; prompts whose bes
 are skipped (and counted in ``task.json``). The reward scores the continuation alone, since the
 prompt is the same for both responses and only the continuation is the policy's doing.
 
+Options change how pairs are labelled (each is part of the data's cache identity when not at its default;
+``evaluate`` always scores the plain VADER reward):
+
+- ``random_cut``: each sampled continuation is first cut after a random number of its words (uniform
+  from 1 to all of them, drawn per completion), so lengths vary; the model rarely ends a continuation by
+  itself within ``max_new_tokens``, so uncut completions are nearly all the same length.
+- ``length_bias``: the labeller ranks by VADER + ``length_bias`` x tokens (a labeller that likes length:
+  at equal sentiment the longer completion wins); ``chosen_reward``/``rejected_reward`` stay plain VADER
+  and the rows add ``chosen_tokens``/``rejected_tokens``.
+- ``pairs: small_edits``: ``chosen`` is the best completion as above, and ``rejected`` is a copy of it
+  with up to ``edit_words`` words replaced by words VADER rates negative (see ``small_edit``), so the two
+  differ by a few tokens and the rejected one scores lower. Prompts where no replacement lowers the
+  score are skipped (``skipped_no_edit`` in ``task.json``); rows add ``edits`` ([old, new] per word).
+
 The held-out split (its prompts, its pairs and the samples ``evaluate`` scores) follows the recipe seed
 unless ``eval_seed`` is set; benchmarks set it, so runs of every seed are scored on the same prompts.
 """
@@ -26,6 +40,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -36,7 +51,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Literal, Optional, Sequence
 
 import torch
 from pydantic import Field, model_validator
@@ -59,6 +74,15 @@ SNIPPETS_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 # Bump when the way files are built changes, so caches built by older code are not reused.
 _BUILD_FORMAT = 1
 _TRAIN, _EVAL, _EVAL_PROMPTS, _MANIFEST = "train.jsonl", "eval.jsonl", "eval_prompts.jsonl", "task.json"
+# Labeling options left out of the cache identity at these defaults, so caches built before they existed
+# stay valid.
+_LABELING_DEFAULTS = {"pairs": "best_worst", "length_bias": 0.0, "random_cut": False}
+# What a small edit puts in: common words VADER rates clearly negative (valence -1.3 to -3.1), each one
+# SmolLM2 token after a space, so a one-word edit usually changes one token.
+NEGATIVE_WORDS = ("bad", "awful", "terrible", "boring", "dull", "poor", "horrible", "worst", "weak",
+                  "disappointing", "stupid", "ugly", "sad", "annoying")
+# A word a small edit may replace: letters (an inner apostrophe allowed) between optional punctuation.
+_EDITABLE = re.compile(r"([^\w\s]*)([A-Za-z]+(?:'[A-Za-z]+)?)([^\w\s]*)")
 # Model files whose bytes decide what the model generates (not optimizer states or logs).
 _MODEL_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.json", "*.jinja", "*.model", "*.txt")
 
@@ -140,6 +164,18 @@ def vader_reward(texts: Sequence[str]) -> list[float]:
     return [analyzer.polarity_scores(text)["compound"] for text in texts]
 
 
+def completion_reward(prompts: Sequence, completions: Sequence[str]) -> list[float]:
+    """The task's reward as a judge's reward function: VADER compound score of each completion alone.
+
+    For ``algorithm.judge: {name: function, function: "prefopt_plugins.tasks.sentiment:completion_reward"}``.
+    ``prompts`` (parallel to ``completions``) are ignored on purpose: the task's ground-truth reward, which
+    labels its pairs and scores ``evaluate``'s samples, scores the continuation alone, since every
+    completion of a prompt shares the prompt and only the continuation is the policy's doing. So a judge
+    using this function ranks completions exactly as the task's own pairs and evaluation do.
+    """
+    return vader_reward(completions)
+
+
 # --- configuration -----------------------------------------------------------------------------
 
 
@@ -177,6 +213,26 @@ class SentimentConfig(TaskConfig):
         description="Seed of the held-out split: its prompts, its pairs and the samples evaluate() scores. "
         "None: the recipe seed. Set it to score runs of different seeds on the same held-out prompts.",
     )
+    pairs: Literal["best_worst", "small_edits"] = Field(
+        "best_worst",
+        description="best_worst: the best vs the worst sampled completion. small_edits: the best completion vs "
+        "a copy with up to edit_words words replaced by VADER-negative ones (a pair a few tokens apart).",
+    )
+    edit_words: int = Field(
+        1, ge=1, le=4, description="pairs small_edits: most words replaced in the rejected copy (each lowers VADER)."
+    )
+    length_bias: float = Field(
+        0.0,
+        ge=-1,
+        le=1,
+        description="The labeller ranks completions by VADER + length_bias x tokens: > 0 prefers the longer one at "
+        "equal sentiment. evaluate() still scores plain VADER. For pairs best_worst.",
+    )
+    random_cut: bool = Field(
+        False,
+        description="Cut each sampled completion after a random number of its words (1 to all) before labelling, "
+        "so lengths vary (uncut ones nearly all reach max_new_tokens).",
+    )
 
     @model_validator(mode="after")
     def _prompt_words_ordered(self) -> "SentimentConfig":
@@ -184,6 +240,8 @@ class SentimentConfig(TaskConfig):
             raise ValueError(
                 f"prompt_words_min ({self.prompt_words_min}) must not exceed prompt_words_max ({self.prompt_words_max})"
             )
+        if self.pairs == "small_edits" and self.length_bias != 0:
+            raise ValueError("length_bias is for pairs best_worst: a small edit keeps the chosen completion's length")
         return self
 
 
@@ -305,16 +363,26 @@ class SentimentTask(Task):
     def _build_split(self, path: Path, split: str, prompts: list[Prompt], model, ctx: TaskContext, seed: int) -> dict:
         """Sample, score and pair one split into ``path``; returns its summary for ``task.json``."""
         started = time.perf_counter()
+        cfg = self.config
         completions = self._sample(
-            model, ctx.tokenizer, prompts, self.config.completions_per_prompt, seed=seed, purpose=split,
+            model, ctx.tokenizer, prompts, cfg.completions_per_prompt, seed=seed, purpose=split,
             show_progress=ctx.show_progress,
         )  # fmt: skip
-        rows, ties = _preference_rows(prompts, completions)
+        if cfg.random_cut:
+            completions = [[_cut(c, random.Random(f"sentiment-cut:{seed}:{p.snippet_id}:{j}"), ctx.tokenizer)
+                            for j, c in enumerate(candidates)] for p, candidates in zip(prompts, completions)]
+        if cfg.pairs == "small_edits":
+            rows, skipped = _small_edit_rows(prompts, completions, cfg.edit_words, seed)
+            skipped_key = "skipped_no_edit"
+        else:
+            rows, skipped = _preference_rows(prompts, completions, cfg.length_bias)
+            skipped_key = "skipped_ties"
         _write_jsonl(path, rows)
-        summary = _split_summary(len(prompts), rows, ties, seconds=time.perf_counter() - started)
+        summary = _split_summary(len(prompts), rows, skipped, seconds=time.perf_counter() - started,
+                                 skipped_key=skipped_key)
         log.info(
-            "sentiment %s: %d pairs, %d prompts skipped as ties, mean VADER chosen %.3f / rejected %.3f",
-            split, len(rows), ties, summary["mean_chosen_reward"], summary["mean_rejected_reward"],
+            "sentiment %s: %d pairs, %d prompts skipped (%s), mean VADER chosen %.3f / rejected %.3f",
+            split, len(rows), skipped, skipped_key, summary["mean_chosen_reward"], summary["mean_rejected_reward"],
         )  # fmt: skip
         return summary
 
@@ -354,7 +422,7 @@ class SentimentTask(Task):
             "task": self.name,
             "format": _BUILD_FORMAT,
             "corpus": SDIST_SHA256,
-            "config": self.config.model_dump(mode="json", exclude={"eval_seed"}),
+            "config": self.config.model_dump(mode="json", exclude={"eval_seed", "edit_words", *_LABELING_DEFAULTS}),
             "seed": ctx.seed,
             "model": _model_identity(ctx.model_id),
             "tokenizer": _tokenizer_identity(ctx.tokenizer),
@@ -365,6 +433,12 @@ class SentimentTask(Task):
         eval_seed = self._eval_seed(ctx.seed)
         if eval_seed != ctx.seed:  # only then are the files different; equal seeds keep earlier caches valid
             identity["eval_seed"] = eval_seed
+        labeling = {key: getattr(self.config, key) for key, default in _LABELING_DEFAULTS.items()
+                    if getattr(self.config, key) != default}
+        if self.config.pairs == "small_edits":
+            labeling["edit_words"] = self.config.edit_words
+        if labeling:  # likewise: at the defaults, caches built before these options existed stay valid
+            identity["labeling"] = labeling
         return f"{self.name}-{_sha256_json(identity)[:16]}"
 
     # --- sampling ---
@@ -424,41 +498,118 @@ class SentimentTask(Task):
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _preference_rows(prompts: list[Prompt], completions: list[list[Completion]]) -> tuple[list[dict], int]:
-    """Best-vs-worst pair per prompt by VADER; prompts whose best and worst tie are skipped and counted."""
+def _preference_rows(
+    prompts: list[Prompt], completions: list[list[Completion]], length_bias: float = 0.0
+) -> tuple[list[dict], int]:
+    """Best-vs-worst pair per prompt by the labeller's score, VADER + ``length_bias`` x tokens; prompts whose
+    best and worst score tie are skipped and counted. The rows' rewards are plain VADER."""
     rows, ties = [], 0
     for prompt, candidates in zip(prompts, completions):
         rewards = vader_reward([c.text for c in candidates])
-        best = max(range(len(rewards)), key=rewards.__getitem__)
-        worst = min(range(len(rewards)), key=rewards.__getitem__)
-        if rewards[best] == rewards[worst]:
+        scores = [r + length_bias * c.num_tokens for r, c in zip(rewards, candidates)] if length_bias else rewards
+        best = max(range(len(scores)), key=scores.__getitem__)
+        worst = min(range(len(scores)), key=scores.__getitem__)
+        if scores[best] == scores[worst]:
             ties += 1
             continue
-        rows.append(
-            {
-                "prompt": prompt.text,
-                "chosen": candidates[best].text,
-                "rejected": candidates[worst].text,
-                "chosen_reward": rewards[best],
-                "rejected_reward": rewards[worst],
-                "snippet_id": prompt.snippet_id,
-            }
-        )
+        row = {
+            "prompt": prompt.text,
+            "chosen": candidates[best].text,
+            "rejected": candidates[worst].text,
+            "chosen_reward": rewards[best],
+            "rejected_reward": rewards[worst],
+            "snippet_id": prompt.snippet_id,
+        }
+        if length_bias:
+            row.update(chosen_tokens=candidates[best].num_tokens, rejected_tokens=candidates[worst].num_tokens)
+        rows.append(row)
     return rows, ties
 
 
-def _split_summary(num_prompts: int, rows: list[dict], ties: int, seconds: float) -> dict:
+def _small_edit_rows(
+    prompts: list[Prompt], completions: list[list[Completion]], edit_words: int, seed: int
+) -> tuple[list[dict], int]:
+    """The best completion per prompt (by VADER) against a copy of it changed by ``small_edit``; prompts
+    where no edit lowers the score are skipped and counted."""
+    rows, skipped = [], 0
+    for prompt, candidates in zip(prompts, completions):
+        rewards = vader_reward([c.text for c in candidates])
+        best = max(range(len(rewards)), key=rewards.__getitem__)
+        rng = random.Random(f"sentiment-edit:{seed}:{prompt.snippet_id}")
+        edited = small_edit(candidates[best].text, edit_words, rng)
+        if edited is None:
+            skipped += 1
+            continue
+        rejected, edits = edited
+        rows.append({
+            "prompt": prompt.text,
+            "chosen": candidates[best].text,
+            "rejected": rejected,
+            "chosen_reward": rewards[best],
+            "rejected_reward": vader_reward([rejected])[0],
+            "snippet_id": prompt.snippet_id,
+            "edits": edits,
+        })  # fmt: skip
+    return rows, skipped
+
+
+def small_edit(text: str, edit_words: int, rng: random.Random) -> tuple[str, list[list[str]]] | None:
+    """``text`` with up to ``edit_words`` words replaced by words of ``NEGATIVE_WORDS``, each replacement
+    kept only if it lowers the VADER score of the text so far; None when none does.
+
+    Candidates are the words of letters (punctuation around them kept, an inner apostrophe allowed), tried
+    in order of VADER lexicon valence, most positive first; words of equal valence (the many neutral ones)
+    in text order. Each try draws its replacement from ``rng``; a capitalized word gets a capitalized
+    replacement. Whitespace is kept exactly, so the texts differ only in the replaced words. The check
+    catches edits VADER reads otherwise (a negated "not good" turned "not bad" scores higher)."""
+    lexicon = _vader().lexicon
+    pieces = re.split(r"(\s+)", text)  # words at even indices, the whitespace between them at odd ones
+    candidates = []
+    for index in range(0, len(pieces), 2):
+        match = _EDITABLE.fullmatch(pieces[index])
+        if match:
+            candidates.append((-lexicon.get(match[2].lower(), 0.0), index, match))
+    candidates.sort(key=lambda c: c[:2])
+    score, edits = vader_reward([text])[0], []
+    for _, index, match in candidates:
+        if len(edits) == edit_words:
+            break
+        word = rng.choice(NEGATIVE_WORDS)
+        word = word.capitalize() if match[2][0].isupper() else word
+        trial = [*pieces[:index], match[1] + word + match[3], *pieces[index + 1 :]]
+        trial_score = vader_reward(["".join(trial)])[0]
+        if trial_score < score:
+            pieces, score = trial, trial_score
+            edits.append([match[2], word])
+    return ("".join(pieces), edits) if edits else None
+
+
+def _cut(completion: Completion, rng: random.Random, tokenizer) -> Completion:
+    """``completion`` cut after a random number of its words (1 to all, uniform); its tokens counted by
+    tokenizing the kept text. Token ids are dropped: only the text is labelled and trained on."""
+    words = re.findall(r"\s*\S+", completion.text)
+    if not words:
+        return completion
+    text = "".join(words[: rng.randint(1, len(words))])
+    return Completion(text, len(tokenizer(text, add_special_tokens=False).input_ids), completion.prompt_ids)
+
+
+def _split_summary(num_prompts: int, rows: list[dict], skipped: int, seconds: float,
+                   skipped_key: str = "skipped_ties") -> dict:  # fmt: skip
     def mean(key: str) -> float:
         return statistics.fmean(r[key] for r in rows) if rows else math.nan
 
-    return {
+    summary = {
         "prompts": num_prompts,
         "pairs": len(rows),
-        "skipped_ties": ties,
+        skipped_key: skipped,
         "mean_chosen_reward": mean("chosen_reward"),
         "mean_rejected_reward": mean("rejected_reward"),
         "seconds": round(seconds, 1),
     }
+    if rows and "chosen_tokens" in rows[0]:
+        summary.update(mean_chosen_tokens=mean("chosen_tokens"), mean_rejected_tokens=mean("rejected_tokens"))
+    return summary
 
 
 def _completion(tokenizer, tokens: list[int], eos_ids: list[int], prompt_ids: Sequence[int] = ()) -> Completion:

@@ -2,7 +2,8 @@
 
 - ``frontier.png``: reward vs KL to the reference, one small point per run and a labelled mean per entry,
   with the untrained initial model at KL 0 (the DPO paper's Fig. 2, left).
-- ``curves.png``: training loss and chosen log-prob against the step, each entry's mean over seeds.
+- ``curves.png``: training loss and chosen log-prob against the step, each entry's mean over seeds (the
+  bench recipe's ``plots.curves`` picks other metrics.jsonl keys, held-out eval/* ones included).
 - ``length_reward.png``: reward against completion length (does an entry buy reward with length?).
 - ``throughput_memory.png``: tokens per second and peak memory of training, with their spread over seeds.
 
@@ -13,7 +14,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CURVE_KEYS = ("loss", "logps/chosen")
+CURVE_KEYS = ("loss", "logps/chosen")  # the default of the bench recipe's plots.curves
+CURVE_TITLES = {
+    "loss": "training loss",
+    "logps/chosen": "log-prob of chosen responses",
+    "logps/rejected": "log-prob of rejected responses",
+    "rewards/chosen": "beta x (log pi - log pi_ref) of chosen",
+    "rewards/rejected": "beta x (log pi - log pi_ref) of rejected",
+    "eval/logps/chosen": "log-prob of held-out chosen responses",
+    "eval/logps/rejected": "log-prob of held-out rejected responses",
+}
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
 
 
@@ -89,23 +99,34 @@ def _scatter_figure(path: Path, rows: list[dict], records: list[dict], initial: 
     return path
 
 
-def curves(path: Path, curves_by_entry: dict, order: list[str], styles: dict) -> Path:
+def curves(path: Path, curves_by_entry: dict, order: list[str], styles: dict,
+           keys: tuple[str, ...] = CURVE_KEYS) -> Path:
+    """One panel per metrics.jsonl key, up to 3 in a row; sparse curves (eval/* keys) get markers."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(12, 4.5))
-    titles = {"loss": "training loss", "logps/chosen": "log-prob of chosen responses"}
-    for ax, key in zip(axes, CURVE_KEYS):
+    columns = min(len(keys), 3)
+    rows = -(-len(keys) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns + 1, 4.5 * rows), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes, keys):
         for entry in order:
             points = curves_by_entry.get(entry, {}).get(key, [])
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, color=styles[entry]["color"], linewidth=1.2, label=entry)
+                ax.plot(steps, values, color=styles[entry]["color"], linewidth=1.2, label=entry,
+                        marker="o" if len(points) <= 20 else None, markersize=3)
         ax.set_xlabel("optimizer step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"{titles[key]} (mean over seeds)")
+        ax.set_title(f"{CURVE_TITLES.get(key, key)} (mean over seeds)", fontsize=10)
         ax.grid(alpha=0.3)
-    _legend(axes[-1], len(order))
+    # One legend beside the last panel, of every entry plotted anywhere (that panel may have no data).
+    lines = {line.get_label(): line for ax in axes for line in ax.lines}
+    if lines:
+        axes[len(keys) - 1].legend(lines.values(), lines.keys(), fontsize=7, loc="center left",
+                                   bbox_to_anchor=(1.01, 0.5), frameon=False, ncol=1 if len(lines) <= 22 else 2)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -136,13 +157,13 @@ def throughput_memory(path: Path, records: list[dict], styles: dict) -> Path:
 
 
 def write_plots(out_dir: Path, rows: list[dict], records: list[dict], initial: dict | None,
-                curves_by_entry: dict) -> dict[str, Path]:
+                curves_by_entry: dict, curve_keys: tuple[str, ...] = CURVE_KEYS) -> dict[str, Path]:
     """Every figure into ``out_dir``; returns {name: path} in the order the report shows them."""
     order = [r["entry"] for r in records]
     styles = _styles(order)
     return {
         "frontier": frontier(out_dir / "frontier.png", rows, records, initial, styles),
-        "curves": curves(out_dir / "curves.png", curves_by_entry, order, styles),
+        "curves": curves(out_dir / "curves.png", curves_by_entry, order, styles, curve_keys),
         "length_reward": length_reward(out_dir / "length_reward.png", rows, records, initial, styles),
         "throughput_memory": throughput_memory(out_dir / "throughput_memory.png", records, styles),
     }

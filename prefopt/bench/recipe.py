@@ -107,12 +107,21 @@ class OutputSpec(_Section):
     dir: str = Field(..., description="The bench's directory: runs, results.jsonl, leaderboard, plots.")
 
 
+class PlotsSpec(_Section):
+    curves: list[str] = Field(
+        ["loss", "logps/chosen"], min_length=1, max_length=6,
+        description="metrics.jsonl keys that curves.png plots against the step, one panel each (seed means); "
+        "eval/* keys are the held-out pair metrics, logged every train.eval_every steps.",
+    )
+
+
 class BenchRecipe(_Section):
     base: str = Field(..., description="The training recipe every entry starts from, relative to the bench file.")
     overrides: list[str] = Field([], description="Dotted-key overrides applied to every entry (the budget).")
     seeds: list[int] = Field([0], min_length=1, description="Every entry is trained once per seed.")
     entries: list[EntrySpec] = Field(..., min_length=1, description="The variants, each a name and overrides.")
     eval: EvalSpec = Field(EvalSpec(), description="How the task evaluator samples; the same for every run.")
+    plots: PlotsSpec = Field(PlotsSpec(), description="What the figures show.")
     output: OutputSpec
 
     _overrides_are_strings = field_validator("overrides", mode="before")(_override_list)

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from .files import EVAL_FILE, read_json
-from .plots import CURVE_KEYS, write_plots
+from .plots import write_plots
 from .recipe import Bench
 from .results import METRICS, Spread, aggregate, seed_mean_curves
 
@@ -189,7 +189,8 @@ def write_report(bench: Bench, rows: list[dict]) -> dict[str, Path]:
     bench.dir.mkdir(parents=True, exist_ok=True)
     initial = initial_result(bench)
     records = aggregate(rows, bench.entry_names)
-    figures = write_plots(bench.dir, rows, records, initial, seed_mean_curves(rows, CURVE_KEYS)) if rows else {}
+    keys = tuple(bench.spec.plots.curves)
+    figures = write_plots(bench.dir, rows, records, initial, seed_mean_curves(rows, keys), keys) if rows else {}
     return {
         "markdown": write_markdown(bench.dir / "leaderboard.md", bench, rows, records, initial, figures),
         "html": write_html(bench.dir / "leaderboard.html", bench, rows, records, initial, figures),

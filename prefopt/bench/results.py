@@ -21,13 +21,27 @@ METRICS = ("reward", "kl", "length", "accuracy", "tokens_per_s", "pairs_per_s", 
 ACCURACY_KEY = "eval/rewards/accuracies"
 
 
-def training_steps(run_dir: Path) -> list[dict]:
-    """The training lines of a run's metrics.jsonl (evaluation lines carry only eval/* keys)."""
+def metric_lines(run_dir: Path) -> list[dict]:
+    """Every line of a run's metrics.jsonl. A staged run (algorithm stepwise) logs one per stage, in
+    ``stages/stage-<t>/``: those are joined, each stage's steps counted on from the previous stage's last."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return [line for line in lines if "loss" in line]
+    if path.is_file():
+        return _read_lines(path)
+    stages = sorted(Path(run_dir).glob("stages/stage-*/metrics.jsonl"), key=lambda p: int(p.parent.name[6:]))
+    joined: list[dict] = []
+    for stage in stages:
+        offset = joined[-1]["step"] if joined else 0
+        joined += [{**line, "step": line["step"] + offset} for line in _read_lines(stage)]
+    return joined
+
+
+def _read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_steps(run_dir: Path) -> list[dict]:
+    """The training lines of a run's metrics (evaluation lines carry only eval/* keys)."""
+    return [line for line in metric_lines(run_dir) if "loss" in line]
 
 
 def run_row(entry: str, seed: int, overrides: list[str], run_dir: Path) -> dict | None:
@@ -142,11 +156,12 @@ def aggregate(rows: list[dict], entry_order: list[str]) -> list[dict]:
 
 
 def seed_mean_curves(rows: list[dict], keys: tuple[str, ...]) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """entry -> key -> [(step, mean over the seeds that logged that step)], from each run's metrics.jsonl."""
+    """entry -> key -> [(step, mean over the seeds that logged that step)], from each run's metrics.jsonl
+    (training lines, and evaluation lines for eval/* keys)."""
     sums: dict[str, dict[str, dict[int, list[float]]]] = {}
     for row in rows:
         per_key = sums.setdefault(row["entry"], {key: {} for key in keys})
-        for step in training_steps(Path(row["run_dir"])):
+        for step in metric_lines(Path(row["run_dir"])):
             for key in keys:
                 if isinstance(step.get(key), (int, float)):
                     per_key[key].setdefault(step["step"], []).append(step[key])

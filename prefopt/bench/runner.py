@@ -40,6 +40,7 @@ class Outcome:
 def run_bench(bench: Bench, *, only: list[str] | None = None, show_progress: bool = True) -> Outcome:
     runs = select_runs(bench, only)
     check_run_dirs(runs)
+    check_local_models(bench, runs)
     bench.dir.mkdir(parents=True, exist_ok=True)
     say = tqdm.write
     entries = len({r.entry for r in runs})
@@ -134,6 +135,33 @@ def check_run_dirs(runs: list[Run]) -> None:
             f"{len(conflicts)} run directories hold runs of another recipe; delete them to train them anew, or set "
             "the bench's output.dir to a new folder\n" + "\n".join(conflicts)
         )
+
+
+def check_local_models(bench: Bench, runs: list[Run]) -> None:
+    """Refuse to start when a run names a local model directory that does not exist (a second reference
+    that another command produces, say), rather than failing each such run after the others trained. A
+    name that may be a hub id (owner/name) or an embedded model is left to the loader."""
+    missing: dict[str, list[str]] = {}
+    for run in runs:
+        r = run.recipe
+        named = [("model.path", r.model.path), ("reference.path", r.reference.path),
+                 *(("reference.extra", path) for path in r.reference.extra)]
+        for key, path in named:
+            if path and _looks_local(path) and not Path(path).expanduser().exists():
+                entries = missing.setdefault(f"{key} {path}", [])
+                if run.entry not in entries:
+                    entries.append(run.entry)
+    if missing:
+        what, entries = next(iter(missing.items()))
+        more = f" (and {len(missing) - 1} more missing paths)" if len(missing) > 1 else ""
+        which = f"entr{'y' if len(entries) == 1 else 'ies'} {', '.join(entries)}"
+        raise PrefoptError(f"{what} ({which}) does not exist{more}; create it first (see the "
+                           f"header of {bench.path}) or leave the entry out with --only")
+
+
+def _looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id: absolute, ./ ~/ ../, or more than owner/name."""
+    return path.startswith(("/", ".", "~")) or len(Path(path).parts) > 2
 
 
 def _flatten(tree, prefix: str = "") -> dict:

@@ -1,0 +1,81 @@
+"""The sampler contract: a plugin that generates completions of prompts from a model's current weights.
+
+Online algorithms sample from the policy while it trains (online and iterative DPO) or from a copy of it
+(SAPO's EMA model). They call ``load_weights(model)`` whenever the weights to sample from have changed,
+then ``sample``. A sampler may keep its own copy of the weights (a vLLM engine) or generate with the
+model it is given (``generate`` in transformers); either way it samples from exactly those weights.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Sample", "Sampler", "SamplerConfig", "SamplerContext"]
+
+
+class SamplerConfig(BaseModel):
+    """Options every sampler has (recipe key ``algorithm.sampler``); samplers add their own. Unknown keys are
+    errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(64, ge=1, le=32768, description="Length limit of each completion, in tokens.")
+    temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature; 1.0 samples the model as it is.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens with "
+                         "this much probability; 1.0 keeps all.")
+    top_k: int = Field(0, ge=0, description="Keep only the k likeliest tokens; 0 keeps all.")
+
+
+@dataclass(frozen=True)
+class SamplerContext:
+    """What an online algorithm hands a sampler when it builds it."""
+
+    model_path: str  # local directory of the policy's initial weights (config, weights, tokenizer)
+    tokenizer: object  # the policy's transformers tokenizer
+    dtype: str  # "float32", "bfloat16" or "float16", as recipe key model.dtype
+    trust_remote_code: bool = False
+    device: str = "cpu"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled completion."""
+
+    token_ids: tuple[int, ...]  # the sampled tokens, the EOS that ended them included
+    text: str  # the completion decoded without special tokens
+    finished: bool  # whether it ended with EOS (False: cut at max_new_tokens)
+
+
+class Sampler(abc.ABC):
+    """Base class of sampler plugins. Subclasses set ``name`` (recipe key ``algorithm.sampler.name``),
+    ``Config`` (a ``SamplerConfig`` subclass) and a docstring whose first line ``prefopt list`` shows."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[SamplerConfig]] = SamplerConfig
+
+    def __init__(self, config: SamplerConfig, context: SamplerContext) -> None:
+        self.config = config
+        self.context = context
+
+    @abc.abstractmethod
+    def load_weights(self, model) -> None:
+        """Sample from ``model``'s current weights from now on. ``model`` is a transformers causal LM (a PEFT
+        model under LoRA, whose adapter counts as merged), unwrapped from any distributed wrapper."""
+
+    @abc.abstractmethod
+    def sample(self, prompts: Sequence[Sequence[int]], n: int, seed: int) -> list[list[Sample]]:
+        """``n`` completions of each prompt (token ids, special tokens included as the chat template put
+        them). The same weights, prompts, ``n`` and ``seed`` give the same samples, so a resumed run samples
+        what the interrupted one did."""
+
+    def close(self) -> None:
+        """Free what the sampler holds (an engine, its KV cache)."""
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
