@@ -28,6 +28,7 @@ def _run(pairs: TokenizedPairs, *, group: bool, processes: int, rank: int, layou
     train = SimpleNamespace(batch_size=16, micro_batch_size=2, group_by_length=group, layout=layout)
     return SimpleNamespace(
         recipe=SimpleNamespace(seed=0, train=train), train_pairs=pairs, steps_per_epoch=len(pairs) // 16,
+        pairs_of_step=None,
         accelerator=SimpleNamespace(num_processes=processes, process_index=rank),
     )
 

@@ -97,12 +97,7 @@ class OnlineRounds(Algorithm):
     # checks, before anything loads
 
     def check(self, recipe, plugins=None) -> None:
-        if recipe.reference.sync is not None or recipe.reference.extra:
-            raise PrefoptError(f"algorithm {self.name} sets the reference itself (algorithm.reference); remove "
-                               "reference.sync and reference.extra")
-        if recipe.reference.kind == "cache":
-            raise PrefoptError(f"algorithm {self.name} trains on new completions every round, which a reference "
-                               "cache cannot hold; set reference.kind to auto or live")
+        check_on_policy_recipe(self.name, recipe)
         if recipe.data.format == "unpaired":
             raise PrefoptError(f"algorithm {self.name} builds pairs; data.format unpaired has no use here")
         if plugins is not None:
@@ -114,30 +109,18 @@ class OnlineRounds(Algorithm):
 
     def run(self, recipe, plugins, *, show_progress: bool = True) -> dict:
         from prefopt import engine
-        from prefopt.recipe import validate_tree
 
         self.check(recipe, plugins)
-        tree = recipe.model_dump(mode="json")
-        tree["algorithm"] = None
-        # A fixed reference must score new completions every round: live, never a cache.
-        tree["reference"]["kind"] = "live"
-        derived = validate_tree(tree, plugins, f"{recipe.output.dir} ({self.name})")
         source: dict[str, Any] = {}
 
         def keep_rows(pairs, rows):
             source.update(rows=rows)
             return pairs
 
-        follows = self.config.reference == "previous"
-        run = engine.setup(derived, plugins, show_progress=show_progress, select_train=keep_rows,
-                           reference_follows_policy=follows)
-        if run.loss.unpaired or run.loss.multi_reference:
-            raise PrefoptError(f"algorithm {self.name} trains paired, single-reference losses; loss "
-                               f"{run.loss.name!r} is not one")
-        if engine._sharded_params(run.accelerator):
-            raise PrefoptError(f"algorithm {self.name} samples from the whole model on one process, which FSDP or "
-                               "ZeRO-3 do not hold; train with DDP or on one process")
+        run = setup_on_policy(self.name, recipe, plugins, show_progress=show_progress, select_train=keep_rows,
+                              reference_follows_policy=self.config.reference == "previous")
         driver = _RoundDriver(self, recipe, plugins, run, source["rows"])
+        run.summary["algorithm"] = self.name
         try:
             engine.fit(run, show_progress=show_progress)
             summary = engine.finish(run)
@@ -189,6 +172,39 @@ class IterativeLengthRegularizedDPO(IterativeDPO):
             raise PrefoptError(f"algorithm ilr_dpo trains the length-regularized loss: set loss.name=rdpo (with its "
                                f"alpha, the length penalty), not {recipe.loss.name!r}, or use iterative_dpo")
         super().check(recipe, plugins)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what every on-policy algorithm (these and SAPO) checks and sets up alike
+
+
+def check_on_policy_recipe(name: str, recipe) -> None:
+    """Refuse reference settings an algorithm that makes its own pairs cannot honour."""
+    if recipe.reference.sync is not None or recipe.reference.extra:
+        raise PrefoptError(f"algorithm {name} sets the reference itself; remove reference.sync and reference.extra")
+    if recipe.reference.kind == "cache":
+        raise PrefoptError(f"algorithm {name} trains on new completions as it goes, which a reference cache cannot "
+                           "hold; set reference.kind to auto or live")
+
+
+def setup_on_policy(name: str, recipe, plugins, *, show_progress: bool, **setup_options):
+    """``engine.setup`` for an algorithm that makes its own pairs: the recipe without its algorithm section and
+    with a live reference (a fixed reference must score new completions, so never a cache); refuses losses
+    and launch configurations it cannot train."""
+    from prefopt import engine
+    from prefopt.recipe import validate_tree
+
+    tree = recipe.model_dump(mode="json")
+    tree["algorithm"] = None
+    tree["reference"]["kind"] = "live"
+    derived = validate_tree(tree, plugins, f"{recipe.output.dir} ({name})")
+    run = engine.setup(derived, plugins, show_progress=show_progress, **setup_options)
+    if run.loss.unpaired or run.loss.multi_reference:
+        raise PrefoptError(f"algorithm {name} trains paired, single-reference losses; loss {run.loss.name!r} is not one")
+    if engine._sharded_params(run.accelerator):
+        raise PrefoptError(f"algorithm {name} samples from the whole model on one process, which FSDP or ZeRO-3 do "
+                           "not hold; train with DDP or on one process")
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------------

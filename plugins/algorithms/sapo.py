@@ -16,6 +16,7 @@ from prefopt.sampling import SamplerContext
 
 from prefopt_plugins.samplers.hf_generate import eos_token_ids
 
+from .online import check_on_policy_recipe, setup_on_policy
 from .sapo_parts import (
     DEFAULT_EMA_DECAY,
     DEFAULT_MAX_SIZE,
@@ -72,38 +73,24 @@ class SAPO(Algorithm):
     paper = "Yin et al. 2024, Self-Augmented Preference Optimization, arXiv:2405.20830"
 
     def check(self, recipe, plugins=None) -> None:
-        if recipe.reference.sync is not None or recipe.reference.extra:
-            raise PrefoptError("algorithm sapo refreshes the reference from its EMA model "
-                               "(algorithm.reference_refresh_every); remove reference.sync and reference.extra")
-        if recipe.reference.kind == "cache":
-            raise PrefoptError("algorithm sapo trains on responses it generates, which a reference cache cannot "
-                               "hold; set reference.kind to auto or live")
+        check_on_policy_recipe(self.name, recipe)
         if plugins is not None:
             plugin_config(plugins.samplers, self.config.sampler, "algorithm.sampler")
 
     def run(self, recipe, plugins, *, show_progress: bool = True) -> dict:
         from prefopt import engine
-        from prefopt.recipe import validate_tree
 
         self.check(recipe, plugins)
-        tree = recipe.model_dump(mode="json")
-        tree["algorithm"] = None
-        tree["reference"]["kind"] = "live"
-        derived = validate_tree(tree, plugins, f"{recipe.output.dir} (sapo)")
         refresh = self.config.reference_refresh_every is not None
-        run = engine.setup(derived, plugins, show_progress=show_progress, reference_follows_policy=refresh)
-        if run.loss.unpaired or run.loss.multi_reference:
-            raise PrefoptError(f"algorithm sapo trains paired, single-reference losses; loss {run.loss.name!r} is not one")
-        if engine._sharded_params(run.accelerator):
-            raise PrefoptError("algorithm sapo samples from the whole model on one process, which FSDP or ZeRO-3 do "
-                               "not hold; train with DDP or on one process")
+        run = setup_on_policy(self.name, recipe, plugins, show_progress=show_progress,
+                              reference_follows_policy=refresh)
         driver = _SAPODriver(self.config, recipe, plugins, run)
+        run.summary["algorithm"] = self.name
         try:
             engine.fit(run, show_progress=show_progress)
             summary = engine.finish(run)
         finally:
             driver.close()
-        summary["algorithm"] = "sapo"
         return summary
 
 
