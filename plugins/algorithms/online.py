@@ -108,8 +108,6 @@ class OnlineRounds(Algorithm):
     # the run
 
     def run(self, recipe, plugins, *, show_progress: bool = True) -> dict:
-        from prefopt import engine
-
         self.check(recipe, plugins)
         source: dict[str, Any] = {}
 
@@ -120,13 +118,7 @@ class OnlineRounds(Algorithm):
         run = setup_on_policy(self.name, recipe, plugins, show_progress=show_progress, select_train=keep_rows,
                               reference_follows_policy=self.config.reference == "previous")
         driver = _RoundDriver(self, recipe, plugins, run, source["rows"])
-        run.summary["algorithm"] = self.name
-        try:
-            engine.fit(run, show_progress=show_progress)
-            summary = engine.finish(run)
-        finally:
-            driver.close()
-        return summary
+        return train_with_driver(self.name, run, driver, show_progress=show_progress)
 
 
 class OnlineDPO(OnlineRounds):
@@ -185,6 +177,19 @@ def check_on_policy_recipe(name: str, recipe) -> None:
     if recipe.reference.kind == "cache":
         raise PrefoptError(f"algorithm {name} trains on new completions as it goes, which a reference cache cannot "
                            "hold; set reference.kind to auto or live")
+
+
+def train_with_driver(name: str, run, driver, *, show_progress: bool) -> dict:
+    """Train ``run`` with ``driver`` feeding it from the step hooks; the driver's sampler is freed whatever
+    happens."""
+    from prefopt import engine
+
+    run.summary["algorithm"] = name
+    try:
+        engine.fit(run, show_progress=show_progress)
+        return engine.finish(run)
+    finally:
+        driver.close()
 
 
 def setup_on_policy(name: str, recipe, plugins, *, show_progress: bool, **setup_options):
@@ -261,17 +266,8 @@ class _RoundDriver:
         """The round's pairs in a seeded order, gone through again (in a new order) when the round's steps
         need more pairs than it has."""
         index, offset = divmod(step, self.steps_per_round)
-        n, size = len(self.run.train_pairs), self.recipe.train.batch_size
-        chosen: list[int] = []
-        position = offset * size
-        while len(chosen) < size:
-            lap, within = divmod(position, n)
-            seed = (self.recipe.seed * 1_000_003 + index) * 1_009 + lap
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-            take = order[within : within + size - len(chosen)]
-            chosen.extend(take)
-            position += len(take)
-        return chosen
+        seed = (self.recipe.seed * 1_000_003 + index) * 1_009
+        return _cycled_slice(len(self.run.train_pairs), self.recipe.train.batch_size, offset, seed)
 
     def close(self) -> None:
         for part in (self.sampler, self.judge):
@@ -347,16 +343,7 @@ class _RoundDriver:
 
     def _round_prompts(self, index: int) -> list[int]:
         """Round ``index``'s prompts: consecutive slices of seeded permutations of all prompts."""
-        n, size = len(self.prompts), self.prompts_per_round
-        picked: list[int] = []
-        position = (index - 1) * size
-        while len(picked) < size:
-            lap, within = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.seed * 7_919 + lap)).tolist()
-            take = order[within : within + size - len(picked)]
-            picked.extend(take)
-            position += len(take)
-        return picked
+        return _cycled_slice(len(self.prompts), self.prompts_per_round, index - 1, self.recipe.seed * 7_919)
 
     def _build_parts(self) -> None:
         if self.sampler is not None:
@@ -386,6 +373,20 @@ class _RoundDriver:
             prompt = rows[pair.row][prompt_column] if has_column else None
             seen[pair.prompt_ids] = {"ids": pair.prompt_ids, "row": pair.row, "prompt": prompt}
         return list(seen.values())
+
+
+def _cycled_slice(n: int, size: int, k: int, seed: int) -> list[int]:
+    """The ``k``-th slice of ``size`` in an endless run of seeded permutations of range(n), a new
+    permutation (seed + its number) each time one is used up: every index once before any repeats."""
+    picked: list[int] = []
+    position = k * size
+    while len(picked) < size:
+        lap, within = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + lap)).tolist()
+        take = order[within : within + size - len(picked)]
+        picked.extend(take)
+        position += len(take)
+    return picked
 
 
 def _round_metrics(index: int, records: list[dict]) -> dict[str, float]:

@@ -16,7 +16,7 @@ from prefopt.sampling import SamplerContext
 
 from prefopt_plugins.samplers.hf_generate import eos_token_ids
 
-from .online import check_on_policy_recipe, setup_on_policy
+from .online import check_on_policy_recipe, setup_on_policy, train_with_driver
 from .sapo_parts import (
     DEFAULT_EMA_DECAY,
     DEFAULT_MAX_SIZE,
@@ -78,20 +78,12 @@ class SAPO(Algorithm):
             plugin_config(plugins.samplers, self.config.sampler, "algorithm.sampler")
 
     def run(self, recipe, plugins, *, show_progress: bool = True) -> dict:
-        from prefopt import engine
-
         self.check(recipe, plugins)
         refresh = self.config.reference_refresh_every is not None
         run = setup_on_policy(self.name, recipe, plugins, show_progress=show_progress,
                               reference_follows_policy=refresh)
         driver = _SAPODriver(self.config, recipe, plugins, run)
-        run.summary["algorithm"] = self.name
-        try:
-            engine.fit(run, show_progress=show_progress)
-            summary = engine.finish(run)
-        finally:
-            driver.close()
-        return summary
+        return train_with_driver(self.name, run, driver, show_progress=show_progress)
 
 
 class _SAPODriver:
