@@ -277,20 +277,12 @@ def make_pairs(tokenizer, n: int, max_length: int, seed: int) -> tuple[list[dict
 
 def prefopt_file_order(n: int, batch_size: int, seed: int) -> list[int] | None:
     """``order[j]``: the position in prefopt's training file that its step j // B reads as the step's
-    (j % B)-th pair, from the engine's own ``step_pairs`` on a stand-in run (None if that cannot be done)."""
-    from types import SimpleNamespace
-
+    (j % B)-th pair, from the engine's own ``planned_pairs`` (None if the engine no longer has it)."""
     try:
-        from prefopt.engine import step_pairs
-
-        steps = n // batch_size
-        stand_in = SimpleNamespace(
-            steps_per_epoch=steps, train_pairs=[None] * n,
-            recipe=SimpleNamespace(seed=seed, train=SimpleNamespace(batch_size=batch_size)),
-        )
-        order = [i for step in range(steps) for i in step_pairs(stand_in, step)]
-    except Exception:  # noqa: BLE001 - the engine changed how it orders pairs
+        from prefopt.engine import planned_pairs
+    except ImportError:  # the engine changed how it orders pairs
         return None
+    order = [i for step in range(n // batch_size) for i in planned_pairs(seed, n, batch_size, step)]
     return order if sorted(order) == list(range(n)) else None
 
 

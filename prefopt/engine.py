@@ -105,13 +105,16 @@ class Run:
 
 def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
           select_train: Callable[[TokenizedPairs, Any], TokenizedPairs] | None = None,
-          data_model: str | None = None, reference_follows_policy: bool = False) -> Run:
+          data_model: str | None = None, reference_follows_policy: bool = False,
+          plans_own_steps: bool = False) -> Run:
     """Everything a run needs, from a recipe. For algorithm plugins, which run the engine in phases:
     ``select_train(pairs, rows)`` picks the training pairs of this phase (``rows`` are the source rows the
     pairs' ``row`` numbers index), ``data_model`` is the model a task builds its data with (default: the
     policy's initial model), so every phase trains on the same data, and ``reference_follows_policy`` gives
     a loss that needs a reference one that the algorithm syncs from the policy itself
-    (``run.reference.following.sync``), as iterative DPO does between rounds."""
+    (``run.reference.following.sync``), as iterative DPO does between rounds, and ``plans_own_steps`` says
+    that the algorithm sets ``run.total_steps`` and the pairs of each step itself (so the data's epoch
+    arithmetic is not printed: it would describe a schedule that does not run)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
@@ -237,7 +240,7 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
         )
     steps_per_epoch = len(train_pairs) // t.batch_size
     left_out = len(train_pairs) - steps_per_epoch * t.batch_size
-    if left_out:
+    if left_out and not plans_own_steps:
         say(f"each epoch uses {steps_per_epoch * t.batch_size} of {len(train_pairs)} pairs in full batches of "
             f"{t.batch_size}; which {left_out} sit out changes every epoch")
     total_steps = steps_per_epoch * t.epochs
@@ -254,7 +257,8 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
         if references is not None and references.train.following is not None:
             references.train.following.weights.load_state_dict(ckpt.load_tensors(resume_from, "reference"))
         start_step, resumed_extra = state.step, state.extra
-        say(f"resuming from {resume_from} (step {start_step} of {total_steps})")
+        of_total = "" if plans_own_steps else f" of {total_steps}"
+        say(f"resuming from {resume_from} (step {start_step}{of_total})")
     if accelerator.is_main_process:
         _truncate_metrics(run_dir / "metrics.jsonl", start_step)
 

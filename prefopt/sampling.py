@@ -9,6 +9,7 @@ model it is given (``generate`` in transformers); either way it samples from exa
 from __future__ import annotations
 
 import abc
+import hashlib
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
@@ -79,3 +80,11 @@ class Sampler(abc.ABC):
     @classmethod
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed of its own for each tuple of parts (a run's seed, a purpose, a batch or prompt index):
+    a hash rather than ``seed + index``, so neighbouring batches draw unrelated random streams and two
+    purposes never share one."""
+    key = ":".join(str(part) for part in parts)
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1

@@ -114,6 +114,21 @@ def test_resume_after_sigkill_mid_round_repeats_the_same_round(tiny_model_dir, p
     assert round_lines(out) == round_lines(reference)
 
 
+def test_console_gives_the_rounds_schedule_not_the_data_epochs(tiny_model_dir, pairs_file, tmp_path, capsys):
+    # 12 pairs in batches of 5 leave 2 out of an offline epoch; an online run never trains that schedule,
+    # so it says nothing of it, and a resumed run counts its steps against the rounds' total.
+    out = tmp_path / "run"
+    algorithm = {"name": "online_dpo", "rounds": 2}
+    _train(online_tree(tiny_model_dir, pairs_file, out, algorithm, train={"batch_size": 5, "micro_batch_size": 5}))
+    printed = capsys.readouterr().out
+    assert "each epoch uses" not in printed
+    assert "online_dpo: 2 rounds of 5 prompts x 2 samples, 1 steps each (2 steps)" in printed
+    _train(online_tree(tiny_model_dir, pairs_file, out, {**algorithm, "rounds": 3}, train={"batch_size": 5, "micro_batch_size": 5}))
+    printed = capsys.readouterr().out
+    assert "(step 2)" in printed and "(step 2 of" not in printed
+    assert "(3 steps, resuming after step 2)" in printed
+
+
 def test_online_checks_name_the_recipe_key(tiny_model_dir, pairs_file, tmp_path, capsys):
     import yaml
 

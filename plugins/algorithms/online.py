@@ -116,7 +116,7 @@ class OnlineRounds(Algorithm):
             return pairs
 
         run = setup_on_policy(self.name, recipe, plugins, show_progress=show_progress, select_train=keep_rows,
-                              reference_follows_policy=self.config.reference == "previous")
+                              reference_follows_policy=self.config.reference == "previous", plans_own_steps=True)
         driver = _RoundDriver(self, recipe, plugins, run, source["rows"])
         return train_with_driver(self.name, run, driver, show_progress=show_progress)
 
@@ -239,8 +239,9 @@ class _RoundDriver:
         run.total_steps = min(total, t.max_steps) if t.max_steps is not None else total
         run.steps_per_epoch = self.steps_per_round  # the logged "epoch" counts rounds
         run.before_step, run.pairs_of_step = self.before_step, self.pairs_of_step
+        resuming = f", resuming after step {run.start_step}" if run.start_step else ""
         run.say(f"{self.name}: {cfg.rounds} rounds of {self.prompts_per_round} prompts x {cfg.samples_per_prompt} "
-                f"samples, {self.steps_per_round} steps each ({run.total_steps} steps)")
+                f"samples, {self.steps_per_round} steps each ({run.total_steps} steps{resuming})")
 
     # --- the engine's hooks
 

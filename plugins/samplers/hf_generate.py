@@ -15,13 +15,13 @@ leaves the caller's random state as it found it.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Sequence
 
 import torch
 from pydantic import Field
 
 from prefopt import Sample, Sampler, SamplerConfig, hookimpl
+from prefopt import sampling as prefopt_sampling
 from prefopt.errors import PrefoptError
 
 
@@ -123,8 +123,8 @@ def to_sample(tokenizer, tokens: Sequence[int], eos_ids: Sequence[int]) -> Sampl
 
 
 def derive_seed(seed: int, index: int) -> int:
-    """A 63-bit seed of its own for each (seed, index): batches or prompts draw unrelated random streams."""
-    return int.from_bytes(hashlib.sha256(f"prefopt-sampler:{seed}:{index}".encode()).digest()[:8], "little") >> 1
+    """The seed of sequence ``index`` of a ``sample(..., seed)`` call (the vLLM sampler uses it too)."""
+    return prefopt_sampling.derive_seed("prefopt-sampler", seed, index)
 
 
 @hookimpl

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from prefopt import Task, TaskConfig, TaskContext, TaskData, hookimpl
 from prefopt.errors import PrefoptError
 from prefopt.paths import cache_dir, publish, staging_dir
+from prefopt.sampling import derive_seed
 from prefopt.task import KL_METRIC, EvalOptions, completion_logps
 
 log = logging.getLogger(__name__)
@@ -458,7 +459,7 @@ class SentimentTask(Task):
                        disable=not show_progress)  # fmt: skip
             with bar, torch.inference_mode():
                 for index, batch in enumerate(batches):
-                    batch_seed = _derive_seed(seed, purpose, index)
+                    batch_seed = derive_seed(seed, purpose, index)
                     results.extend(self._sample_batch(model, tokenizer, [p.text for p in batch], per_prompt,
                                                       batch_seed, max_new_tokens or self.config.max_new_tokens))
                     bar.update(len(batch) * per_prompt)
@@ -644,10 +645,6 @@ def _shuffled(snippets: Sequence[Snippet], seed: int) -> list[Snippet]:
     order = list(snippets)
     random.Random(f"sentiment-order:{seed}").shuffle(order)
     return order
-
-
-def _derive_seed(seed: int, purpose: str, batch_index: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}:{batch_index}".encode()).digest()[:8], "little") >> 1
 
 
 def _sha256_json(value) -> str:
