@@ -32,6 +32,10 @@ class Algorithm(abc.ABC):
     name: ClassVar[str]
     Config: ClassVar[type[AlgorithmConfig]]
     paper: ClassVar[str] = ""
+    # True for an algorithm that reads only the training data's prompts and makes every pair it trains on
+    # (samples and judges responses): ``data.format: prompt_only`` passes validation, and its ``run`` must
+    # pass ``pairs_from_prompts=True`` to ``engine.setup``, which otherwise refuses prompt-only data.
+    pairs_from_prompts: ClassVar[bool] = False
 
     def __init__(self, config: AlgorithmConfig) -> None:
         self.config = config

@@ -60,6 +60,10 @@ def pad_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_
 
 def collate_pairs(pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int) -> PreferenceBatch:
     """Pad ``pairs`` into one batch: all chosen sequences first, then all rejected ones."""
+    if any(not p.chosen_ids and not p.rejected_ids for p in pairs):
+        # a prompt-only example: its loss would be over no tokens, a step that silently learns nothing
+        raise ValueError("collate_pairs: a pair without a response (prompt-only data) cannot be trained or "
+                         "scored; an algorithm must pair its prompts with sampled responses first")
     sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     input_ids, attention_mask, response_mask = pad_sequences(sequences, pad_id)
     labels = None

@@ -25,7 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -106,7 +106,7 @@ class Run:
 def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
           select_train: Callable[[TokenizedPairs, Any], TokenizedPairs] | None = None,
           data_model: str | None = None, reference_follows_policy: bool = False,
-          plans_own_steps: bool = False) -> Run:
+          plans_own_steps: bool = False, pairs_from_prompts: bool = False) -> Run:
     """Everything a run needs, from a recipe. For algorithm plugins, which run the engine in phases:
     ``select_train(pairs, rows)`` picks the training pairs of this phase (``rows`` are the source rows the
     pairs' ``row`` numbers index), ``data_model`` is the model a task builds its data with (default: the
@@ -114,7 +114,12 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
     a loss that needs a reference one that the algorithm syncs from the policy itself
     (``run.reference.following.sync``), as iterative DPO does between rounds, and ``plans_own_steps`` says
     that the algorithm sets ``run.total_steps`` and the pairs of each step itself (so the data's epoch
-    arithmetic is not printed: it would describe a schedule that does not run)."""
+    arithmetic is not printed: it would describe a schedule that does not run), and ``pairs_from_prompts``
+    says that the algorithm reads only the training data's prompts and makes every pair it trains on itself
+    (samples and judges responses), so prompt-only training data (``data.format: prompt_only``) is accepted:
+    ``run.train_pairs`` then holds prompts with empty responses, which the algorithm must replace before the
+    first step. Without it prompt-only training data is refused. Prompt-only held-out data has no pairs to
+    score: it is dropped with a note, and only a task's metrics are evaluated."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
@@ -189,10 +194,16 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
     else:
         train_source = (recipe.data.path, recipe.data.train_split)
         eval_source = (recipe.data.path, recipe.data.eval_split) if recipe.data.eval_split else None
-    train_pairs = _tokenized(recipe, tokenizer, *train_source, recipe.data.max_train_pairs, loss, say, select_train)
+    train_pairs = _tokenized(recipe, tokenizer, *train_source, recipe.data.max_train_pairs, loss, say, select_train,
+                             prompt_only="accept" if pairs_from_prompts else "refuse")
     eval_pairs = (
-        _tokenized(recipe, tokenizer, *eval_source, recipe.data.max_eval_pairs, loss, say) if eval_source else None
+        _tokenized(recipe, tokenizer, *eval_source, recipe.data.max_eval_pairs, loss, say, prompt_only="drop")
+        if eval_source else None
     )
+
+    if train_pairs.prompt_only and _caches_reference(recipe, loss, reference_follows_policy):
+        raise PrefoptError(f"{train_pairs.source}: prompt-only data has no responses to cache reference log-probs "
+                           "of; set reference.kind=live and remove reference.extra")
 
     # Extra references (multi-reference losses) go into the cache now, one model at a time, so none of them
     # is in memory beside the policy.
@@ -241,7 +252,8 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
     steps_per_epoch = len(train_pairs) // t.batch_size
     left_out = len(train_pairs) - steps_per_epoch * t.batch_size
     if left_out and not plans_own_steps:
-        say(f"each epoch uses {steps_per_epoch * t.batch_size} of {len(train_pairs)} pairs in full batches of "
+        unit = "prompts" if train_pairs.prompt_only else "pairs"
+        say(f"each epoch uses {steps_per_epoch * t.batch_size} of {len(train_pairs)} {unit} in full batches of "
             f"{t.batch_size}; which {left_out} sit out changes every epoch")
     total_steps = steps_per_epoch * t.epochs
     if t.max_steps is not None:
@@ -381,15 +393,27 @@ def build_task_data(recipe, plugins: Plugins, model_path: str, tokenizer, load_m
     return task, task.build(ctx)
 
 
-def _tokenized(recipe, tokenizer, path: str, split: str, limit: int | None, loss: PreferenceLoss,
-               say, select=None) -> TokenizedPairs:
+def _tokenized(recipe, tokenizer, path: str, split: str, limit: int | None, loss: PreferenceLoss, say,
+               select=None, *, prompt_only: Literal["refuse", "accept", "drop"] = "refuse") -> TokenizedPairs | None:
+    """One split, tokenized for ``loss``. ``prompt_only`` says what prompt-only rows become: ``refuse`` (a
+    run that trains on the data's responses), ``accept`` (an algorithm that makes its own pairs) or ``drop``
+    (held-out data: no pairs to score, so None)."""
     d = recipe.data
     rows = load_rows(path, split, d.subset, recipe.model.trust_remote_code)
     source = f"{path} (split {split})"
     examples, skipped, first = to_examples(rows, d.columns.model_dump(), d.format, source)
     if limit is not None:
         examples = examples[:limit]  # counts rows: a pair split for an unpaired loss gives two examples
-    examples = for_loss(examples, unpaired=loss.unpaired, loss_name=loss.name, fmt=d.format, source=source)
+    # checked before tokenizing, so that an unusable row does not hide that the whole split cannot be used
+    if d.format == "prompt_only" or any(example.prompt_only for example in examples):
+        if prompt_only == "refuse":
+            raise _prompt_only_refused(source, d, rows.column_names)
+        if prompt_only == "drop":
+            say(f"data: {source}: prompt-only rows hold no pairs, so no held-out pair metrics (eval/loss, "
+                f"eval/rewards/*) are computed; set data.eval_split to preference data for them")
+            return None
+    else:
+        examples = for_loss(examples, unpaired=loss.unpaired, loss_name=loss.name, fmt=d.format, source=source)
     pairs = tokenize_examples(
         examples, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
         append_eos=d.append_eos, invalid_rows=d.invalid_rows, source=source, skipped=skipped,
@@ -404,6 +428,29 @@ def _tokenized(recipe, tokenizer, path: str, split: str, limit: int | None, loss
     if select is not None:
         pairs = select(pairs, rows)
     return pairs
+
+
+def _caches_reference(recipe, loss: PreferenceLoss, following: bool) -> bool:
+    """Whether setup fills a reference cache from the training data (as ``build_primary`` and
+    ``build_extra_caches`` decide): an extra reference always, the primary one unless it is live or follows
+    the policy."""
+    r = recipe.reference
+    if not loss.requires_reference:
+        return False
+    return bool(r.extra) or (r.kind in ("auto", "cache") and r.sync is None and not following)
+
+
+def _prompt_only_refused(source: str, data, columns: list[str]) -> PrefoptError:
+    # under auto, responses in columns the recipe does not name look like prompt-only data: say which columns
+    # were looked for and which there are
+    looked_for = ", ".join(repr(getattr(data.columns, key)) for key in ("chosen", "rejected", "completion"))
+    found = "data.format=prompt_only" if data.format == "prompt_only" else (
+        f"data.format={data.format} found no value in columns {looked_for}; the columns are {', '.join(columns)}")
+    return PrefoptError(
+        f"{source}: the rows are prompts with no responses ({found}), but this run trains on the data's "
+        f"responses; use preference data (data.columns.* name its columns), or an algorithm that samples its "
+        f"own pairs from prompts (see `prefopt list`)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -604,7 +651,8 @@ def fit(run: Run, *, show_progress: bool = True) -> None:
         baseline = {**evaluate_pairs(run), **evaluate_task(run)}
         _record(run, metrics_file, 0, baseline)
         run.summary["eval_start"] = baseline
-        run.say(_format("eval  step 0", baseline))
+        if baseline:  # nothing to evaluate (no held-out pairs, no task): no empty line
+            run.say(_format("eval  step 0", baseline))
 
     bar = tqdm(
         total=run.total_steps, initial=run.start_step, desc="training", unit="step",
@@ -626,7 +674,8 @@ def fit(run: Run, *, show_progress: bool = True) -> None:
         if r.train.eval_every and done % r.train.eval_every == 0 and done != run.total_steps:
             evaluated = evaluate_pairs(run)
             _record(run, metrics_file, done, evaluated)
-            run.say(_format(f"eval  step {done}", evaluated))
+            if evaluated:
+                run.say(_format(f"eval  step {done}", evaluated))
         if r.train.save_every and done % r.train.save_every == 0 and done != run.total_steps:
             save(run, done)
     bar.close()

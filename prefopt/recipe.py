@@ -65,10 +65,11 @@ class DataConfig(Section):
     train_split: str = "train"
     eval_split: Optional[str] = Field(None, description="Split for held-out metrics; none means no eval.")
     columns: ColumnsConfig = ColumnsConfig()
-    format: Literal["auto", "standard", "conversational", "implicit_prompt", "unpaired"] = Field(
+    format: Literal["auto", "standard", "conversational", "implicit_prompt", "unpaired", "prompt_only"] = Field(
         "auto",
         description="Row format; auto detects it. unpaired: prompt, completion, label rows (KTO-style); "
-        "paired data is split for a loss that trains on unpaired examples.",
+        "paired data is split for a loss that trains on unpaired examples. prompt_only: a prompt column (text "
+        "or messages) and no responses, for the algorithms that sample and judge their own pairs.",
     )
     max_length: int = Field(512, ge=2, description="Prompt plus response tokens; responses are cut to fit.")
     max_prompt_length: Optional[int] = Field(256, ge=1, description="Prompts are cut from the left to this.")
@@ -76,7 +77,8 @@ class DataConfig(Section):
     invalid_rows: Literal["error", "skip"] = Field(
         "error", description="Unusable rows stop the run (error) or are counted, reported and left out (skip)."
     )
-    max_train_pairs: Optional[int] = Field(None, ge=1, description="Use only the first N training pairs.")
+    max_train_pairs: Optional[int] = Field(None, ge=1, description="Use only the first N training pairs "
+                                           "(prompts, for prompt-only data).")
     max_eval_pairs: Optional[int] = Field(None, ge=1, description="Use only the first N held-out pairs.")
 
     @model_validator(mode="after")
@@ -380,7 +382,27 @@ def load_recipe(path: str | Path, overrides: list[str] = (), plugins: Plugins | 
     tree = read_yaml(path)
     for text in overrides:
         apply_override(tree, *parse_override(text))
-    return validate_tree(tree, plugins, str(path))
+    recipe = validate_tree(tree, plugins, str(path))
+    # Here, not in validate_tree: an algorithm validates the recipes of its phases there with no algorithm
+    # section, and those phases may read prompt-only data the algorithm accepted.
+    try:
+        check_prompt_only_data(recipe, build_algorithm(recipe, plugins))
+    except PrefoptError as exc:
+        raise RecipeError(str(path), [str(exc)]) from None
+    return recipe
+
+
+def check_prompt_only_data(recipe: BaseModel, algorithm) -> None:
+    """Refuse ``data.format: prompt_only`` unless the recipe's algorithm makes its own pairs from prompts (the
+    engine refuses prompt-only rows that ``auto`` detects, when it reads them)."""
+    if recipe.data.format != "prompt_only" or getattr(algorithm, "pairs_from_prompts", False):
+        return
+    runs = "this recipe trains on the data's responses" if algorithm is None else (
+        f"algorithm {algorithm.name!r} trains on the data's responses")
+    raise PrefoptError(
+        f"data.format=prompt_only: prompt-only rows have no responses, and {runs}; use preference data "
+        f"(prompt, chosen, rejected), or an algorithm that samples its own pairs from prompts (see `prefopt list`)"
+    )
 
 
 def dump_recipe(recipe: BaseModel) -> str:

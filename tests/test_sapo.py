@@ -9,17 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from helpers import kill_after, tiny_recipe, train_losses, validated
+from conftest import PAIRS, write_jsonl
+from helpers import kill_after, one_line_error, tiny_recipe, train_losses, validated
 
 TESTS_DIR = str(Path(__file__).parent)
 
 
-def sapo_tree(model_dir, data, out, **algorithm):
+def sapo_tree(model_dir, data, out, data_options=None, **algorithm):
     spec = {"name": "sapo", "segment_tokens": 4, "ema_decay": 0.5, "reference_refresh_every": 2,
             "sampler": {"name": "transformers", "temperature": 0.7, "top_p": 0.95, "top_k": 50}, **algorithm}
-    return tiny_recipe(model_dir, data, out, algorithm=spec,
+    return tiny_recipe(model_dir, data, out, algorithm=spec, data=data_options or {},
                        train={"epochs": 2, "max_steps": 4, "save_every": 1, "keep_checkpoints": 100})
 
 
@@ -100,3 +102,22 @@ def test_resume_after_sigkill_continues_with_the_same_buffer_and_ema(tiny_model_
     for name, value in load_file(str(_checkpoint(out, 4) / "ema.safetensors")).items():
         torch.testing.assert_close(value, load_file(str(_checkpoint(whole, 4) / "ema.safetensors"))[name],
                                    rtol=0, atol=1e-6)
+
+
+def test_prompt_only_data_is_refused_in_one_line(tiny_model_dir, tmp_path, capsys):
+    # SAPO rewrites the chosen responses, which prompt-only rows do not have
+    from prefopt.errors import PrefoptError
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _, _ in PAIRS])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(sapo_tree(tiny_model_dir, prompts, tmp_path / "named",
+                                           data_options={"format": "prompt_only"})))
+    message = one_line_error(capsys, ["validate", str(recipe)])
+    assert "algorithm sapo" in message and "data.format=prompt_only" in message
+    # detected by data.format=auto: refused when the data is read, before anything trains
+    out = tmp_path / "detected"
+    with pytest.raises(PrefoptError) as caught:
+        _run(sapo_tree(tiny_model_dir, prompts, out))
+    assert "\n" not in str(caught.value)
+    assert f"{prompts} (split train)" in str(caught.value) and "data.format=auto" in str(caught.value)
+    assert not (out / "checkpoints").exists()

@@ -19,6 +19,10 @@ the learning-rate schedule carry across rounds, and ``reference: previous`` make
 the policy synced at the start of every round (the previous round's final model), so no model is saved
 and reloaded between rounds.
 
+Data: only the training prompts are read, so prompt-only data (``data.format: prompt_only``, TRL's
+prompt-only format: a ``prompt`` column of text or messages) works as well as preference data, whose
+distinct prompts are used. Held-out pair metrics need preference data in ``data.eval_split``.
+
 Files: ``<output.dir>/rounds/round-<r>.jsonl`` holds each round's prompts, completions, scores and the
 chosen and rejected completion, written before the round trains. A rerun resumes from the newest
 checkpoint and reads the round it was in from its file, so it trains on exactly the same pairs.
@@ -92,6 +96,7 @@ class OnlineRounds(Algorithm):
     Config = RoundsConfig
     # prompts_per_round when unset: every training prompt (iterative) or one batch per step (online).
     all_prompts_by_default: ClassVar[bool] = False
+    pairs_from_prompts = True  # every pair is sampled and judged, so prompt-only data is enough
 
     # ------------------------------------------------------------------------------------------------------
     # checks, before anything loads
@@ -116,7 +121,8 @@ class OnlineRounds(Algorithm):
             return pairs
 
         run = setup_on_policy(self.name, recipe, plugins, show_progress=show_progress, select_train=keep_rows,
-                              reference_follows_policy=self.config.reference == "previous", plans_own_steps=True)
+                              reference_follows_policy=self.config.reference == "previous", plans_own_steps=True,
+                              pairs_from_prompts=True)
         driver = _RoundDriver(self, recipe, plugins, run, source["rows"])
         return train_with_driver(self.name, run, driver, show_progress=show_progress)
 
@@ -364,8 +370,9 @@ class _RoundDriver:
 
     @staticmethod
     def _prompts(pairs: TokenizedPairs, rows, prompt_column: str) -> list[dict]:
-        """The distinct prompts of the training pairs, in order of first appearance: token ids, source row,
-        and the prompt as the data wrote it (what a judge reads; decoded ids if the rows have no prompt)."""
+        """The distinct prompts of the training pairs (or of prompt-only data, whose pairs have no responses),
+        in order of first appearance: token ids, source row, and the prompt as the data wrote it (what a judge
+        reads; None if the rows have no prompt column)."""
         seen: dict[tuple[int, ...], dict] = {}
         has_column = rows is not None and prompt_column in rows.column_names
         for pair in pairs.pairs:

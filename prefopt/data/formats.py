@@ -12,9 +12,14 @@ Formats (``data.format``):
   desirable (true) or undesirable (false) on its own, as KTO trains on (TRL's unpaired preference
   format). The completion is text, or assistant messages answering the prompt as in ``conversational``
   (decided by the first completion). Examples come out with ``label`` set and ``rejected`` None.
-- ``auto``: ``unpaired`` when the rows have ``completion`` and ``label`` columns and no ``chosen``,
-  else ``implicit_prompt`` when the prompt column is absent, else ``conversational`` when the
-  first ``chosen`` value is a list, else ``standard``.
+- ``prompt_only``: only ``prompt``, holding text or a list of messages (TRL's prompt-only format);
+  other columns are not read. Examples come out with ``chosen`` and ``rejected`` None: they are for an
+  algorithm that samples and judges its own responses (the engine refuses them for any run that trains
+  on the data's responses). A conversational prompt is tokenized exactly as in ``conversational`` rows.
+- ``auto``: ``prompt_only`` when the rows have the prompt column and no value in any of ``chosen``,
+  ``rejected`` and ``completion`` (absent columns or all null), else ``unpaired`` when they have
+  ``completion`` and ``label`` columns and no ``chosen``, else ``implicit_prompt`` when the prompt
+  column is absent, else ``conversational`` when the first ``chosen`` value is a list, else ``standard``.
 
 A row that cannot be used (an empty value, a value of the wrong kind, chosen equal to rejected, a
 label that is not a bool or 0/1) is not an error here: it is counted by reason, and
@@ -31,9 +36,11 @@ import datasets
 from prefopt.data.types import Messages, PreferenceExample, Text
 from prefopt.errors import PrefoptError, did_you_mean
 
-FORMATS = ("auto", "standard", "conversational", "implicit_prompt", "unpaired")
+FORMATS = ("auto", "standard", "conversational", "implicit_prompt", "unpaired", "prompt_only")
 KEYS = ("prompt", "chosen", "rejected")
 UNPAIRED_KEYS = ("prompt", "completion", "label")
+# columns that hold responses: rows with a prompt and no value in any of these are prompt-only
+RESPONSE_KEYS = ("chosen", "rejected", "completion")
 # what each column holds, for the messages that ask for it
 HOLDS = {"label": "labels (true for a desirable completion, false for an undesirable one)"}
 
@@ -64,6 +71,8 @@ def to_examples(
             f"use one of {', '.join(FORMATS)}"
         )
     names = {key: columns.get(key, key) for key in KEYS + UNPAIRED_KEYS}
+    if fmt == "prompt_only" or (fmt == "auto" and _looks_prompt_only(rows, names)):
+        return _prompt_only_examples(rows, names, source)
     if fmt == "unpaired" or (fmt == "auto" and _looks_unpaired(rows, names)):
         return _unpaired_examples(rows, names, source)
     for key in ("chosen", "rejected"):
@@ -89,6 +98,33 @@ def to_examples(
             count_unusable(skipped, first_skipped_row, normalized, row)
         else:
             examples.append(PreferenceExample(row, *normalized))
+    return examples, skipped, first_skipped_row
+
+
+def _looks_prompt_only(rows: datasets.Dataset, names: dict[str, str]) -> bool:
+    if names["prompt"] not in rows.column_names:
+        return False
+    # A column that holds no value counts as absent: the splits of a directory of JSON files all get every
+    # file's columns, so prompts in train.jsonl beside pairs in test.jsonl come with null responses.
+    return all(names[key] not in rows.column_names or _first_value(rows, names[key]) is None
+               for key in RESPONSE_KEYS)
+
+
+def _prompt_only_examples(
+    rows: datasets.Dataset, names: dict[str, str], source: str
+) -> tuple[list[PreferenceExample], dict[str, int], dict[str, int]]:
+    """``to_examples`` for ``data.format=prompt_only``: one example per usable prompt, without responses."""
+    _require_column(rows, "prompt", names["prompt"], source)
+    prompts = rows.select_columns([names["prompt"]]).to_dict()[names["prompt"]]
+    examples: list[PreferenceExample] = []
+    skipped: dict[str, int] = {}
+    first_skipped_row: dict[str, int] = {}
+    for row, prompt in enumerate(prompts):
+        normalized = _prompt_only(prompt, names)
+        if isinstance(normalized, str):
+            count_unusable(skipped, first_skipped_row, normalized, row)
+        else:
+            examples.append(PreferenceExample(row, normalized[0], None, None))
     return examples, skipped, first_skipped_row
 
 
@@ -252,6 +288,15 @@ def _unpaired(
         if reason is not None:
             return reason
     return prompt, completion, bool(label)
+
+
+def _prompt_only(prompt: Any, names: dict[str, str]) -> tuple[Text] | str:
+    """(prompt,) of a prompt-only row, or the reason it is unusable. Each value decides its own kind: a
+    list is messages (normalized as a ``conversational`` prompt is), anything else must be text."""
+    if isinstance(prompt, list):
+        return _conversation(names, prompt)
+    reason = _text_reason(names, prompt=prompt)
+    return reason if reason is not None else (prompt,)
 
 
 def _implicit_prompt(_: Any, chosen: Any, rejected: Any, names: dict[str, str]) -> Normalized:

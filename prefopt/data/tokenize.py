@@ -14,6 +14,9 @@ The rules follow TRL's DPO tokenization where it is sensible:
 
 Unpaired examples (``label`` set) are tokenized the same way, their mismatched completion as the
 rejected response; that the two come out equal is no reason to drop one (see ``prefopt.data.unpaired``).
+Prompt-only examples (no responses) go through the same prompt path, so a conversational prompt gets
+the same ids as in a preference row; they come out as pairs with empty responses, and a prompt must still
+leave room in ``max_length`` for the response an algorithm will sample.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def tokenize_examples(
             unusable and ``invalid_rows == "error"``; or no row is usable at all.
     """
     _check_settings(tokenizer, max_length, max_prompt_length, append_eos, invalid_rows, examples, source)
-    if any(example.rejected is None for example in examples):
+    if any(example.rejected is None and not example.prompt_only for example in examples):
         raise ValueError("unpaired examples need their mismatched completion first: pass them through for_loss")
     skipped = dict(skipped or {})
     first_skipped_row = dict(first_skipped_row or {})
@@ -91,7 +94,7 @@ def tokenize_examples(
     encoded = _encode(rendered, tokenizer)
     for text, (prompt_ids, chosen_ids, rejected_ids) in zip(rendered, encoded, strict=True):
         prompt_ids = _without_doubled_bos(prompt_ids, tokenizer.bos_token_id)
-        if append_eos:
+        if append_eos and not text.prompt_only:
             chosen_ids = _with_eos(chosen_ids, text.chosen, tokenizer)
             rejected_ids = _with_eos(rejected_ids, text.rejected, tokenizer)
         pair = _truncate(text, prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
@@ -156,22 +159,27 @@ class _RenderedPair:
     rejected: str
     templated: bool
     label: bool | None = None
+    prompt_only: bool = False  # no responses: chosen and rejected are empty text
 
 
 def _render(example: PreferenceExample, tokenizer: Any, source: str) -> _RenderedPair | str:
     """The example as text, or the reason it cannot be rendered."""
     if isinstance(example.prompt, str):
         return _RenderedPair(
-            example.row, example.prompt, example.chosen, example.rejected, templated=False, label=example.label
+            example.row, example.prompt, example.chosen or "", example.rejected or "", templated=False,
+            label=example.label, prompt_only=example.prompt_only,
         )
+    # a prompt-only example renders its prompt as a pair's does, and has no conversations to cut
+    responses = () if example.prompt_only else (example.chosen, example.rejected)
     try:
         prompt = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
         conversations = [
-            tokenizer.apply_chat_template(example.prompt + response, tokenize=False)
-            for response in (example.chosen, example.rejected)
+            tokenizer.apply_chat_template(example.prompt + response, tokenize=False) for response in responses
         ]
     except Exception as exc:  # jinja raises for, e.g., roles that do not alternate
         return f"the chat template rejects the messages: {_first_line(exc)}"
+    if example.prompt_only:
+        return _RenderedPair(example.row, prompt, "", "", templated=True, prompt_only=True)
     for conversation in conversations:
         if not conversation.startswith(prompt):
             raise PrefoptError(
@@ -239,6 +247,8 @@ def _truncate(
         return "prompt has no tokens"  # the first response token would have nothing to be predicted from
     if len(prompt) >= max_length:
         return PROMPT_TOO_LONG
+    if text.prompt_only:
+        return TokenizedPair(text.row, tuple(prompt), (), ())
     room = max_length - len(prompt)
     chosen, rejected = chosen[:room], rejected[:room]
     for name, response in (("chosen", chosen), ("rejected", rejected)):
