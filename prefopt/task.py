@@ -42,10 +42,18 @@ class TaskContext:
 
 @dataclass(frozen=True)
 class TaskData:
-    """Files in the standard preference format (JSON lines with prompt, chosen, rejected)."""
+    """Files in the standard preference format (JSON lines with prompt, chosen, rejected), and the file
+    ``Task.evaluate`` samples its held-out prompts from when that is not ``eval``."""
 
     train: Path
     eval: Path
+    # What the task's reward is scored on. Benchmarks compare rewards only between runs scored on the same
+    # file; held-out pairs whose labels differ (another labeller, say) share their prompts.
+    scored: Path | None = None
+
+    @property
+    def scored_file(self) -> Path:
+        return self.scored if self.scored is not None else self.eval
 
 
 @dataclass(frozen=True)

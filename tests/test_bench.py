@@ -191,6 +191,7 @@ def test_eval_seed_holds_out_the_same_prompts_for_every_seed(sentiment):
     first, second = (task.build(ctx) for task, ctx in (sentiment(seed=0, eval_seed=5), sentiment(seed=1, eval_seed=5)))
     prompts = lambda data: (data.eval.parent / "eval_prompts.jsonl").read_text()  # noqa: E731
     assert prompts(first) == prompts(second) and first.eval.read_bytes() == second.eval.read_bytes()
+    assert first.scored_file == first.eval.parent / "eval_prompts.jsonl"  # what the reward is scored on
     assert first.train.read_bytes() != second.train.read_bytes()
     held_out = {json.loads(line)["snippet_id"] for line in prompts(first).splitlines()}
     for data in (first, second):
@@ -253,6 +254,7 @@ def test_bench_writes_one_row_per_run_with_its_measurements(finished):
         assert (saved / ("adapter_config.json" if row["entry"] == "frozen" else "config.json")).is_file()
     # Every run, whatever its seed, was scored on the same held-out data.
     assert len({r["eval_data_sha256"] for r in rows}) == 1
+    assert len({r["scored_data_sha256"] for r in rows}) == 1 and rows[0]["scored_data_sha256"] is not None
 
 
 def test_kl_is_zero_for_the_initial_model_and_grows_with_the_learning_rate(finished):
@@ -377,3 +379,27 @@ def test_curves_plot_the_recipes_keys_with_eval_lines_and_stages_joined(tmp_path
         == ["loss", "logps/chosen"]
     with pytest.raises(RecipeError, match="plots.curvs: unknown key"):
         load_bench(write_bench(tmp_path, tiny_model_dir, tmp_path / "out", plots={"curvs": ["loss"]}))
+
+
+def test_the_comparability_line_follows_the_scored_prompts_not_the_pairs_labels():
+    from types import SimpleNamespace
+
+    from prefopt.bench.report import _setup_lines
+
+    spec = SimpleNamespace(overrides=[], seeds=[0, 1], entries=[1, 2],
+                           eval=SimpleNamespace(num_prompts=4, samples_per_prompt=1, max_new_tokens=8))
+    bench = SimpleNamespace(spec=spec, base="base.yaml")
+
+    def line(*digests, initial=None):
+        rows = [{"entry": f"e{i}", "scored_data_sha256": scored, "eval_data_sha256": pairs}
+                for i, (scored, pairs) in enumerate(digests)]
+        return _setup_lines(bench, rows, initial)[1]
+
+    # same prompts, pairs labelled otherwise (a biased labeller in one entry): rewards compare, accuracies not
+    relabelled = line(("p", "a"), ("p", "b"), initial={"scored_data_sha256": "p", "eval_data_sha256": "a"})
+    assert "warning" not in relabelled and "labels differ" in relabelled
+    assert "warning" in line(("p", "a"), ("q", "a"))  # other prompts
+    assert "labels differ" not in line(("p", "a"), ("p", "a"))
+    # results evaluated before the scored file was recorded fall back to the pairs' digest
+    assert "warning" in line((None, "a"), ("p", "b"))
+

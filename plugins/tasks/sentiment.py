@@ -282,7 +282,7 @@ class SentimentTask(Task):
 
     def build(self, ctx: TaskContext) -> TaskData:
         out_dir = Path(ctx.cache_dir) / self._cache_key(ctx)
-        data = TaskData(train=out_dir / _TRAIN, eval=out_dir / _EVAL)
+        data = TaskData(train=out_dir / _TRAIN, eval=out_dir / _EVAL, scored=out_dir / _EVAL_PROMPTS)
         if (out_dir / _MANIFEST).is_file():  # written last, so its presence means the build finished
             return data
         log.info("building sentiment task data (seed %d) in %s", ctx.seed, out_dir)

@@ -83,6 +83,7 @@ class Evaluator:
         result = {
             "recipe_sha256": recipe_digest(text), "options": options_record(self.options), "task": None,
             "metrics": {}, "reward": None, "kl": None, "length": None, "eval_data_sha256": None,
+            "scored_data_sha256": None,
             "policy": "initial model" if initial else str(Path(recipe.output.dir) / "model"),
             "reference": reference_path,
         }
@@ -103,8 +104,10 @@ class Evaluator:
                 reward=metrics.get(task.reward_metric) if task.reward_metric else None,
                 kl=metrics.get(KL_METRIC),
                 length=metrics.get(task.length_metric) if task.length_metric else None,
-                # Runs are comparable only when they were scored on the same held-out data.
+                # Rewards compare only between runs scored on the same held-out prompts; the accuracy column
+                # also needs the same held-out pairs.
                 eval_data_sha256=hashlib.sha256(Path(data.eval).read_bytes()).hexdigest(),
+                scored_data_sha256=hashlib.sha256(Path(data.scored_file).read_bytes()).hexdigest(),
             )
         result["eval_s"] = round(time.perf_counter() - started, 2)
         write_json(recipe_file.parent / EVAL_FILE, result)

@@ -73,14 +73,20 @@ def _setup_lines(bench: Bench, rows: list[dict], initial: dict | None) -> list[s
              f"{e.samples_per_prompt} sample{'s' * (e.samples_per_prompt > 1)} each" if e.samples_per_prompt
              else "the task's samples per prompt",
              f"up to {e.max_new_tokens} new tokens" if e.max_new_tokens else "the task's length limit"]
-    digests = {r.get("eval_data_sha256") for r in rows} | ({initial.get("eval_data_sha256")} if initial else set())
-    digests.discard(None)
-    if len(digests) > 1:
+    scored = _digests(rows, initial, "scored_data_sha256")
+    if None in scored:  # results evaluated before the scored file was recorded: the held-out pairs stand in
+        scored = _digests(rows, initial, "eval_data_sha256")
+    scored.discard(None)
+    pairs = _digests(rows, initial, "eval_data_sha256") - {None}
+    if len(scored) > 1:
         same = ("**warning: the runs were scored on different held-out data**, so their rewards do not compare; "
                 "make the task's held-out split independent of the seed (sentiment: data.task.eval_seed=0 in the "
                 "bench's overrides)")
-    elif digests:
-        same = f"the same held-out data for every run (sha256 {next(iter(digests))[:12]})"
+    elif scored:
+        same = f"the same held-out data for every run (sha256 {next(iter(scored))[:12]})"
+        if len(pairs) > 1:  # the same prompts, labelled otherwise (another labeller, or per seed)
+            same += ("; the held-out pairs' labels differ between runs, so accuracies compare only between runs "
+                     "with the same labels")
     else:
         same = "no task evaluation (the recipe has no data.task)"
     return [
@@ -89,6 +95,11 @@ def _setup_lines(bench: Bench, rows: list[dict], initial: dict | None) -> list[s
         f"({len(rows)} runs).",
         f"Evaluation: {', '.join(asked)}; {same}.",
     ]
+
+
+def _digests(rows: list[dict], initial: dict | None, key: str) -> set:
+    """The distinct values of ``key`` over the runs and the initial model's evaluation (None where absent)."""
+    return {r.get(key) for r in rows} | ({initial.get(key)} if initial else set())
 
 
 def _table(records: list[dict], initial: dict | None) -> tuple[list[str], list[list[str]]]:

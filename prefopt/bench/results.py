@@ -76,6 +76,7 @@ def run_row(entry: str, seed: int, overrides: list[str], run_dir: Path) -> dict 
         "eval_s": evaluated.get("eval_s"),
         "task_metrics": evaluated.get("metrics", {}),
         "eval_data_sha256": evaluated.get("eval_data_sha256"),
+        "scored_data_sha256": evaluated.get("scored_data_sha256"),
         "run_dir": str(run_dir),
     }
 
