@@ -92,3 +92,34 @@ def online_tree(model_dir: Path, data_path: Path, out: Path, algorithm: dict, **
     }
     train = {"max_steps": None, "save_every": 1, "keep_checkpoints": 100, **sections.pop("train", {})}
     return tiny_recipe(model_dir, data_path, out, algorithm=spec, train=train, **sections)
+
+
+def train_tree(tree: dict) -> dict:
+    """Validate a recipe tree and run it in this process (algorithms included); the run's summary."""
+    from prefopt import engine
+
+    return engine.run(validated(tree), show_progress=False)
+
+
+def round_records(run_dir: Path) -> list[list[dict]]:
+    """An on-policy run's rounds files, in order: one list of prompt records per round."""
+    import json
+
+    files = sorted((run_dir / "rounds").glob("round-*.jsonl"))
+    return [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    """Every line of a run's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+

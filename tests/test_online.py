@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -10,31 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import kill_after, one_line_error, online_tree, train_losses, validated
+from helpers import (
+    kill_after, metric_lines, one_line_error, online_tree, round_records, train_losses, train_tree, validated,
+)
 
 TESTS_DIR = str(Path(__file__).parent)
 
 
-def _train(tree):
-    from prefopt import engine
-
-    return engine.run(validated(tree), show_progress=False)
-
-
-def _rounds(out: Path) -> list[list[dict]]:
-    files = sorted((out / "rounds").glob("round-*.jsonl"))
-    return [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_online_dpo_samples_judges_and_trains_each_step(tiny_model_dir, pairs_file, tmp_path):
     out = tmp_path / "run"
-    summary = _train(online_tree(tiny_model_dir, pairs_file, out, {"name": "online_dpo", "rounds": 3}))
+    summary = train_tree(online_tree(tiny_model_dir, pairs_file, out, {"name": "online_dpo", "rounds": 3}))
     assert summary["steps"] == 3  # one step per round by default
-    rounds = _rounds(out)
+    rounds = round_records(out)
     assert len(rounds) == 3
     for records in rounds:
         assert len(records) == 4  # train.batch_size prompts per round
@@ -48,7 +34,7 @@ def test_online_dpo_samples_judges_and_trains_each_step(tiny_model_dir, pairs_fi
     # every round draws other prompts until all 12 were used once
     rows = [r["row"] for records in rounds for r in records]
     assert sorted(rows) == list(range(12))
-    logged = [m for m in _metrics(out) if "round/index" in m]
+    logged = [m for m in metric_lines(out) if "round/index" in m]
     assert [m["round/index"] for m in logged] == [1.0, 2.0, 3.0]
     assert all(m["round/chosen_score"] > m["round/rejected_score"] for m in logged)
 
@@ -58,7 +44,7 @@ def test_iterative_reference_is_the_policy_each_round_started_from(tiny_model_di
     # exactly zero: DPO's loss is log 2. A fixed initial reference (online_dpo) does not.
     out = tmp_path / "iterative"
     algorithm = {"name": "iterative_dpo", "rounds": 3, "prompts_per_round": 8, "samples_per_prompt": 3}
-    _train(online_tree(tiny_model_dir, pairs_file, out, algorithm))
+    train_tree(online_tree(tiny_model_dir, pairs_file, out, algorithm))
     losses = train_losses(out)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]  # 8 prompts / batch 4 = 2 steps per round
     for first_step in (1, 3, 5):
@@ -66,7 +52,7 @@ def test_iterative_reference_is_the_policy_each_round_started_from(tiny_model_di
     assert losses[2] != pytest.approx(math.log(2), abs=1e-4)
 
     fixed = tmp_path / "fixed"
-    _train(online_tree(tiny_model_dir, pairs_file, fixed, {**algorithm, "reference": "initial"}))
+    train_tree(online_tree(tiny_model_dir, pairs_file, fixed, {**algorithm, "reference": "initial"}))
     assert train_losses(fixed)[3] != pytest.approx(math.log(2), abs=1e-4)
 
 
@@ -98,19 +84,19 @@ def test_resume_after_sigkill_mid_round_repeats_the_same_round(tiny_model_dir, p
     monkeypatch.setenv("PYTHONPATH", TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
     algorithm = {"name": "iterative_dpo", "rounds": 2, "prompts_per_round": 8}
     reference = tmp_path / "whole"
-    _train(online_tree(tiny_model_dir, pairs_file, reference, algorithm))
+    train_tree(online_tree(tiny_model_dir, pairs_file, reference, algorithm))
 
     out = tmp_path / "killed"
     tree = online_tree(tiny_model_dir, pairs_file, out, algorithm)
     kill_after(tree, tmp_path / "recipe.yaml", out / "checkpoints" / "step-0000003")  # mid round 2
     assert (out / "rounds" / "round-00002.jsonl").exists()
-    _train(tree)
+    train_tree(tree)
     assert train_losses(out) == pytest.approx(train_losses(reference), abs=1e-6)
-    assert _rounds(out) == _rounds(reference)
+    assert round_records(out) == round_records(reference)
     # the resumed run's metrics read like one run: each round's line once, with the same numbers
     def round_lines(run_dir):
         return [{k: v for k, v in m.items() if k.startswith("round/") and k != "round/sample_tokens_per_s"}
-                for m in _metrics(run_dir) if m.get("before_step")]
+                for m in metric_lines(run_dir) if m.get("before_step")]
     assert round_lines(out) == round_lines(reference)
 
 
@@ -119,11 +105,11 @@ def test_console_gives_the_rounds_schedule_not_the_data_epochs(tiny_model_dir, p
     # so it says nothing of it, and a resumed run counts its steps against the rounds' total.
     out = tmp_path / "run"
     algorithm = {"name": "online_dpo", "rounds": 2}
-    _train(online_tree(tiny_model_dir, pairs_file, out, algorithm, train={"batch_size": 5, "micro_batch_size": 5}))
+    train_tree(online_tree(tiny_model_dir, pairs_file, out, algorithm, train={"batch_size": 5, "micro_batch_size": 5}))
     printed = capsys.readouterr().out
     assert "each epoch uses" not in printed
     assert "online_dpo: 2 rounds of 5 prompts x 2 samples, 1 steps each (2 steps)" in printed
-    _train(online_tree(tiny_model_dir, pairs_file, out, {**algorithm, "rounds": 3}, train={"batch_size": 5, "micro_batch_size": 5}))
+    train_tree(online_tree(tiny_model_dir, pairs_file, out, {**algorithm, "rounds": 3}, train={"batch_size": 5, "micro_batch_size": 5}))
     printed = capsys.readouterr().out
     assert "(step 2)" in printed and "(step 2 of" not in printed
     assert "(3 steps, resuming after step 2)" in printed
@@ -152,4 +138,4 @@ def test_all_ties_stop_with_a_clear_error(tiny_model_dir, pairs_file, tmp_path):
         "judge": {"name": "function", "function": "helpers:text_length_reward", "min_margin": 1e9},
     })
     with pytest.raises(PrefoptError, match="round 1: the judge tied every prompt"):
-        _train(tree)
+        train_tree(tree)

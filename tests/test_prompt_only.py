@@ -3,31 +3,15 @@ it, every run that trains on the data's responses refuses it in one line, held-o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import PAIRS, write_jsonl
-from helpers import one_line_error, online_tree, tiny_recipe, validated
+from helpers import metric_lines, one_line_error, online_tree, round_records, tiny_recipe, train_tree
 
 PROMPTS = [prompt for prompt, _, _ in PAIRS]
-
-
-def _train(tree):
-    from prefopt import engine
-
-    return engine.run(validated(tree), show_progress=False)
-
-
-def _rounds(out: Path) -> list[list[dict]]:
-    files = sorted((out / "rounds").glob("round-*.jsonl"))
-    return [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture()
@@ -49,7 +33,7 @@ def _prefopt_error(tree) -> str:
     from prefopt.errors import PrefoptError
 
     with pytest.raises(PrefoptError) as caught:
-        _train(tree)
+        train_tree(tree)
     message = str(caught.value)
     assert "\n" not in message
     return message
@@ -68,7 +52,7 @@ def test_online_dpo_trains_two_rounds_on_the_files_prompts(tiny_model_dir, promp
     out = tmp_path / "run"
     tree = online_tree(tiny_model_dir, prompts_dir, out, {"name": "online_dpo", "rounds": 2},
                        data={"eval_split": "test"}, eval={"at_start": True, "task_metrics": False})
-    summary = _train(tree)
+    summary = train_tree(tree)
     printed = capsys.readouterr().out
     assert summary["steps"] == 2
     assert "data: " + str(prompts_dir) + " (split train): 12 prompts" in printed
@@ -76,11 +60,11 @@ def test_online_dpo_trains_two_rounds_on_the_files_prompts(tiny_model_dir, promp
     assert printed.count("prompt-only rows hold no pairs, so no held-out pair metrics") == 1
     assert summary["eval_pairs"] == 0 and summary["eval_end"] == {}
     assert "eval  step" not in printed  # no empty evaluation lines
-    metrics = _metrics(out)
+    metrics = metric_lines(out)
     assert not any(key.startswith("eval/") for m in metrics for key in m)
     assert sorted(m["step"] for m in metrics if "loss" in m) == [1, 2]
 
-    rounds = _rounds(out)
+    rounds = round_records(out)
     assert len(rounds) == 2 and all(len(records) == 4 for records in rounds)  # batch_size prompts per round
     records = [r for records in rounds for r in records]
     # the rounds' prompts are the file's, each with its own row, and distinct until all were used
@@ -105,20 +89,20 @@ def test_held_out_pairs_beside_training_prompts_are_scored(tiny_model_dir, tmp_p
         "test": datasets.Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS[:4]]),
     }).save_to_disk(d)
     out = tmp_path / "run"
-    summary = _train(online_tree(tiny_model_dir, d, out, {"name": "online_dpo", "rounds": 1},
+    summary = train_tree(online_tree(tiny_model_dir, d, out, {"name": "online_dpo", "rounds": 1},
                                  data={"eval_split": "test"}))
     assert summary["eval_pairs"] == 4
     assert "eval/rewards/accuracies" in summary["eval_end"]
-    assert all(r["prompt"] == PROMPTS[r["row"]] for r in _rounds(out)[0])
+    assert all(r["prompt"] == PROMPTS[r["row"]] for r in round_records(out)[0])
 
 
 def test_conversational_prompts_are_sampled_after_the_chat_template(tiny_model_dir, tmp_path):
     messages = [[{"role": "user", "content": p}] for p in PROMPTS[:4]]
     data = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": m} for m in messages])
     out = tmp_path / "run"
-    _train(online_tree(tiny_model_dir, data, out, {"name": "iterative_dpo", "rounds": 1, "samples_per_prompt": 2},
+    train_tree(online_tree(tiny_model_dir, data, out, {"name": "iterative_dpo", "rounds": 1, "samples_per_prompt": 2},
                        data={"format": "prompt_only", "max_length": 96, "max_prompt_length": 64}))
-    [records] = _rounds(out)
+    [records] = round_records(out)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -189,7 +173,7 @@ def test_an_offline_run_with_prompt_only_held_out_data_trains_without_pair_metri
     d.mkdir()
     write_jsonl(d / "train.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS])
     write_jsonl(d / "test.jsonl", [{"prompt": p} for p in PROMPTS[:4]])
-    summary = _train(tiny_recipe(tiny_model_dir, d, tmp_path / "dpo", data={"eval_split": "test"},
+    summary = train_tree(tiny_recipe(tiny_model_dir, d, tmp_path / "dpo", data={"eval_split": "test"},
                                  eval={"at_start": True, "task_metrics": False}))
     assert "(split test): prompt-only rows hold no pairs" in capsys.readouterr().out
     assert summary["steps"] == 3 and summary["eval_pairs"] == 0 and summary["eval_end"] == {}

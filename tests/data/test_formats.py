@@ -7,17 +7,10 @@ import pytest
 
 from prefopt.data import PreferenceExample, to_examples
 from prefopt.errors import PrefoptError
+from helpers import assistant, user
 
 COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
 SOURCE = "prefs.jsonl (split train)"
-
-
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": text}
 
 
 def examples_of(rows: list[dict], fmt: str = "auto", columns: dict = COLUMNS):

@@ -10,18 +10,11 @@ from prefopt.batching import collate_pairs
 from prefopt.data import PreferenceExample, to_examples, tokenize_examples
 from prefopt.data.tokenize import PROMPT_TOO_LONG
 from prefopt.errors import PrefoptError
+from helpers import assistant, user
 
 COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
 SOURCE = "prompts.jsonl (split train)"
 SETTINGS = dict(max_length=64, max_prompt_length=None, append_eos=True, invalid_rows="error", source=SOURCE)
-
-
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": text}
 
 
 def examples_of(rows: list[dict], fmt: str = "auto", columns: dict = COLUMNS):

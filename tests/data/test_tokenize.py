@@ -12,18 +12,11 @@ import pytest
 
 from prefopt.data import PreferenceExample, tokenize_examples
 from prefopt.errors import PrefoptError
+from helpers import assistant, user
 
 BOS, EOS = 1, 2
 SOURCE = "prefs.jsonl (split train)"
 SETTINGS = dict(max_length=64, max_prompt_length=32, append_eos=True, invalid_rows="error", source=SOURCE)
-
-
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": text}
 
 
 def tokenize(examples, tokenizer, **overrides):

@@ -16,17 +16,10 @@ from prefopt.batching import collate_pairs
 from prefopt.data import PreferenceExample, for_loss, load_rows, to_examples, tokenize_examples
 from prefopt.data.tokenize import SAME_AFTER_TRUNCATION
 from prefopt.errors import PrefoptError
+from helpers import assistant, user
 
 SOURCE = "prefs.jsonl (split train)"
 SETTINGS = dict(max_length=64, max_prompt_length=32, append_eos=True, invalid_rows="error", source=SOURCE)
-
-
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": text}
 
 
 def examples_of(rows: list[dict], fmt: str = "auto", columns: dict | None = None):
