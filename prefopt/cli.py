@@ -201,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     except PrefoptError as exc:
         message = str(exc)
         first, _, rest = message.partition("\n")
-        print(f"prefopt: error: {first}", file=sys.stderr)
-        if rest:
-            print(textwrap.indent(textwrap.dedent(rest), "  "), file=sys.stderr)
+        # one write per message: processes launched side by side share stderr, and print's separate
+        # newline write lets their lines run together
+        details = textwrap.indent(textwrap.dedent(rest), "  ") + "\n" if rest else ""
+        sys.stderr.write(f"prefopt: error: {first}\n{details}")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print("prefopt: interrupted; rerun the same command to resume from the newest checkpoint", file=sys.stderr)

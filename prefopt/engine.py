@@ -118,7 +118,8 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
     says that the algorithm reads only the training data's prompts and makes every pair it trains on itself
     (samples and judges responses), so prompt-only training data (``data.format: prompt_only``) is accepted:
     ``run.train_pairs`` then holds prompts with empty responses, which the algorithm must replace before the
-    first step. Without it prompt-only training data is refused. Prompt-only held-out data has no pairs to
+    first step, with a live or following reference (a reference cache is built from the data's responses;
+    ``collate_pairs`` refuses response-less pairs wherever they would be scored). Without it prompt-only training data is refused. Prompt-only held-out data has no pairs to
     score: it is dropped with a note, and only a task's metrics are evaluated."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -200,10 +201,6 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
         _tokenized(recipe, tokenizer, *eval_source, recipe.data.max_eval_pairs, loss, say, prompt_only="drop")
         if eval_source else None
     )
-
-    if train_pairs.prompt_only and _caches_reference(recipe, loss, reference_follows_policy):
-        raise PrefoptError(f"{train_pairs.source}: prompt-only data has no responses to cache reference log-probs "
-                           "of; set reference.kind=live and remove reference.extra")
 
     # Extra references (multi-reference losses) go into the cache now, one model at a time, so none of them
     # is in memory beside the policy.
@@ -428,16 +425,6 @@ def _tokenized(recipe, tokenizer, path: str, split: str, limit: int | None, loss
     if select is not None:
         pairs = select(pairs, rows)
     return pairs
-
-
-def _caches_reference(recipe, loss: PreferenceLoss, following: bool) -> bool:
-    """Whether setup fills a reference cache from the training data (as ``build_primary`` and
-    ``build_extra_caches`` decide): an extra reference always, the primary one unless it is live or follows
-    the policy."""
-    r = recipe.reference
-    if not loss.requires_reference:
-        return False
-    return bool(r.extra) or (r.kind in ("auto", "cache") and r.sync is None and not following)
 
 
 def _prompt_only_refused(source: str, data, columns: list[str]) -> PrefoptError:

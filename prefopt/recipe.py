@@ -386,15 +386,16 @@ def load_recipe(path: str | Path, overrides: list[str] = (), plugins: Plugins | 
     # Here, not in validate_tree: an algorithm validates the recipes of its phases there with no algorithm
     # section, and those phases may read prompt-only data the algorithm accepted.
     try:
-        check_prompt_only_data(recipe, build_algorithm(recipe, plugins))
+        algorithm = plugins.algorithms.get(recipe.algorithm.name) if recipe.algorithm is not None else None
+        check_prompt_only_data(recipe, algorithm)
     except PrefoptError as exc:
         raise RecipeError(str(path), [str(exc)]) from None
     return recipe
 
 
 def check_prompt_only_data(recipe: BaseModel, algorithm) -> None:
-    """Refuse ``data.format: prompt_only`` unless the recipe's algorithm makes its own pairs from prompts (the
-    engine refuses prompt-only rows that ``auto`` detects, when it reads them)."""
+    """Refuse ``data.format: prompt_only`` unless the recipe's algorithm (its plugin class, or None) makes its
+    own pairs from prompts (the engine refuses prompt-only rows that ``auto`` detects, when it reads them)."""
     if recipe.data.format != "prompt_only" or getattr(algorithm, "pairs_from_prompts", False):
         return
     runs = "this recipe trains on the data's responses" if algorithm is None else (

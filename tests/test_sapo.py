@@ -113,7 +113,8 @@ def test_prompt_only_data_is_refused_in_one_line(tiny_model_dir, tmp_path, capsy
     recipe.write_text(yaml.safe_dump(sapo_tree(tiny_model_dir, prompts, tmp_path / "named",
                                            data_options={"format": "prompt_only"})))
     message = one_line_error(capsys, ["validate", str(recipe)])
-    assert "algorithm sapo" in message and "data.format=prompt_only" in message
+    # the shared refusal of every algorithm that does not declare pairs_from_prompts
+    assert "algorithm 'sapo'" in message and "data.format=prompt_only" in message
     # detected by data.format=auto: refused when the data is read, before anything trains
     out = tmp_path / "detected"
     with pytest.raises(PrefoptError) as caught:

@@ -122,7 +122,7 @@ class OnlineRounds(Algorithm):
 
         run = setup_on_policy(self.name, recipe, plugins, show_progress=show_progress, select_train=keep_rows,
                               reference_follows_policy=self.config.reference == "previous", plans_own_steps=True,
-                              pairs_from_prompts=True)
+                              pairs_from_prompts=self.pairs_from_prompts)
         driver = _RoundDriver(self, recipe, plugins, run, source["rows"])
         return train_with_driver(self.name, run, driver, show_progress=show_progress)
 

@@ -74,11 +74,6 @@ class SAPO(Algorithm):
 
     def check(self, recipe, plugins=None) -> None:
         check_on_policy_recipe(self.name, recipe)
-        if recipe.data.format == "prompt_only":
-            # (prompt-only rows that data.format=auto detects are refused by engine.setup, as for any run
-            # that trains on the data's responses)
-            raise PrefoptError("algorithm sapo rewrites the data's chosen responses, which data.format=prompt_only "
-                               "rows do not have; use preference data (prompt, chosen[, rejected])")
         if plugins is not None:
             plugin_config(plugins.samplers, self.config.sampler, "algorithm.sampler")
 
