@@ -20,7 +20,7 @@ from typing import ClassVar, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Choice", "Judge", "JudgeConfig", "JudgeContext", "PairwiseJudge", "ScoreJudge"]
+__all__ = ["Choice", "Judge", "JudgeConfig", "JudgeContext", "PairwiseJudge", "ScoreJudge", "drop_models", "right_pad"]
 
 Text = Union[str, list]  # a prompt: plain text, or chat messages [{"role": ..., "content": ...}]
 
@@ -133,3 +133,40 @@ def _best_and_worst(scores: tuple[float, ...], min_margin: float) -> Choice | No
     if scores[best] - scores[worst] <= min_margin:
         return None
     return Choice(best, worst, scores)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers for judges that run a model
+
+
+def right_pad(sequences: list[list[int]], pad_id: int | None, device):
+    """``(input_ids, attention_mask)`` of token-id lists padded on the right. Right padding keeps every real
+    token at its own position, so a causal model's outputs at real tokens equal an unpadded forward's.
+    ``pad_id`` may be None only for a batch of one, which needs no padding."""
+    import torch
+
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), 0 if pad_id is None else pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def drop_models(owner, *attributes: str) -> None:
+    """Set ``owner``'s ``attributes`` (a model, its tokenizer) to None, collect them, and where a model was on
+    CUDA return the cached memory to the device: what a judge's ``close()`` does."""
+    import gc
+
+    import torch
+
+    on_cuda = False
+    for attribute in attributes:
+        value = getattr(owner, attribute)
+        if isinstance(value, torch.nn.Module):
+            on_cuda |= any(p.is_cuda for p in value.parameters())
+        setattr(owner, attribute, None)
+    gc.collect()
+    if on_cuda:
+        torch.cuda.empty_cache()

@@ -23,13 +23,15 @@ def resolve_model_path(path: str) -> str:
     return resolve_embedded(path)
 
 
-def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                   key: str = "model.path"):
+    """``key`` is the recipe key that named ``path``, for errors."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:
-        raise PrefoptError(f"model.path {path!r}: cannot load a tokenizer ({_first_line(exc)})") from None
+        raise PrefoptError(f"{key} {path!r}: cannot load a tokenizer ({_first_line(exc)})") from None
     if tokenizer.pad_token_id is None:
         # Padding is always masked out, so any id will do; EOS is what most causal LMs use.
         tokenizer.pad_token = tokenizer.eos_token
@@ -43,7 +45,9 @@ def load_causal_lm(
     revision: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    key: str = "model.path",
 ) -> nn.Module:
+    """``key`` is the recipe key that named ``path``, for errors (its ``trust_remote_code`` is its sibling)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": DTYPES[dtype], "revision": revision, "trust_remote_code": trust_remote_code}
@@ -53,13 +57,14 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise PrefoptError(
-            f"model.path {path!r}: cannot load a causal LM ({_first_line(exc)}); give a hub id, a local "
+            f"{key} {path!r}: cannot load a causal LM ({_first_line(exc)}); give a hub id, a local "
             "directory with config.json and weights, or smollm2-135m-instruct"
         ) from None
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise PrefoptError(
-                f"model.path {path!r} ships its own code; set model.trust_remote_code=true if you trust it"
+                f"{key} {path!r} ships its own code; set {key.rpartition('.')[0] or 'model'}.trust_remote_code=true "
+                "if you trust it"
             ) from None
         raise
     return model

@@ -73,7 +73,7 @@ class RoundsConfig(AlgorithmConfig):
     )
     sampler: PluginSpec = Field(PluginSpec(name="transformers"), description="Sampler plugin: {name: vllm | "
                                 "transformers, max_new_tokens, temperature, ...}.")
-    judge: PluginSpec = Field(..., description="Judge plugin: {name: function | reward_model | ..., ...}.")
+    judge: PluginSpec = Field(..., description="Judge plugin: {name: function | reward_model | llm_pairwise | ..., ...}.")
     eval_every_rounds: Optional[int] = Field(
         1, ge=1, description="Run the task's evaluator (eval.task_metrics) at the start of every this many rounds.",
     )

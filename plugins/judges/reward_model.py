@@ -22,7 +22,6 @@ first ``max_length`` tokens (the end of the completion is then not seen; a warni
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from pydantic import Field, field_validator
 
 from prefopt import JudgeConfig, JudgeContext, ScoreJudge, hookimpl
 from prefopt.errors import PrefoptError, did_you_mean
+from prefopt.judging import drop_models, right_pad
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class RewardModelJudge(ScoreJudge):
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                input_ids, attention_mask = _right_pad([sequences[i] for i in chunk], self._pad_id, device)
+                input_ids, attention_mask = right_pad([sequences[i] for i in chunk], self._pad_id, device)
                 logits = self._model(input_ids=input_ids, attention_mask=attention_mask).logits
                 for i, value in zip(chunk, logits[:, self._label_index].float().tolist()):
                     scores[i] = value
@@ -126,12 +126,7 @@ class RewardModelJudge(ScoreJudge):
         return scores
 
     def close(self) -> None:
-        on_cuda = self._model is not None and next(self._model.parameters()).is_cuda
-        self._model = None
-        self._tokenizer = None
-        gc.collect()
-        if on_cuda:
-            torch.cuda.empty_cache()
+        drop_models(self, "_model", "_tokenizer")
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -235,17 +230,6 @@ class RewardModelJudge(ScoreJudge):
                 "render it (algorithm.judge.format auto); give text prompts or a reward model with a chat template"
             )
         return list(tokenizer(prompt + completion)["input_ids"])
-
-
-def _right_pad(sequences: list[list[int]], pad_id: Optional[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in sequences)
-    fill = 0 if pad_id is None else pad_id  # pad_id is None only for batches of one, which need no padding
-    input_ids = torch.full((len(sequences), width), fill, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
 def _first_line(exc: BaseException) -> str:
