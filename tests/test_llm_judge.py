@@ -66,6 +66,16 @@ def test_one_order_is_the_softmax_of_the_two_answers_after_the_question(judge_di
     assert max(abs(p - 0.5) for p in got) > 0.05  # the check above is not 0.5 against 0.5
 
 
+def test_a_model_without_logits_to_keep_gives_the_same_answers(judge_dir):
+    """Models with their own code may not take logits_to_keep: the judge then reads the full logits."""
+    kept = make_judge(judge_dir, both_orders=False, batch_size=3)
+    full = make_judge(judge_dir, both_orders=False, batch_size=3)
+    full._load()
+    assert full._keeps_logits
+    full._keeps_logits = False
+    assert full.prefer(PROMPTS, FIRST, SECOND) == pytest.approx(kept.prefer(PROMPTS, FIRST, SECOND), abs=1e-5)
+
+
 def test_both_orders_average_the_swapped_question_so_swapping_gives_one_minus_p(judge_dir):
     one_way = make_judge(judge_dir, both_orders=False)
     forward, backward = one_way.prefer(PROMPTS, FIRST, SECOND), one_way.prefer(PROMPTS, SECOND, FIRST)

@@ -28,6 +28,7 @@ goes into the template, so a runaway sample cannot make the judge's input unboun
 
 from __future__ import annotations
 
+import inspect
 import string
 from typing import Literal, Optional, Sequence
 
@@ -122,6 +123,7 @@ class LLMPairwiseJudge(PairwiseJudge):
         self._model = None
         self._tokenizer = None
         self._chat = False
+        self._keeps_logits = False  # whether the model's forward takes logits_to_keep (transformers' own do)
         self._answer_start: list[int] = []  # tokens both answers begin with, appended to every question
         self._answer_ids: tuple[int, int] = (0, 0)  # the first token where the answers differ
 
@@ -155,12 +157,21 @@ class LLMPairwiseJudge(PairwiseJudge):
                 batch = [sequences[i] for i in chunk]
                 input_ids, attention_mask = right_pad(batch, self._tokenizer.pad_token_id, device)
                 last = torch.tensor([len(ids) - 1 for ids in batch], device=device)  # right padding: exact
-                logits = self._model(input_ids=input_ids, attention_mask=attention_mask).logits
-                # the logits after each question's last real token, of the two answers only
-                pair_logits = logits[torch.arange(len(chunk), device=device), last][:, answer_ids].float()
+                pair_logits = self._answer_logits(input_ids, attention_mask, last)[:, answer_ids].float()
                 for i, p in zip(chunk, pair_logits.softmax(-1)[:, 0].tolist()):
                     result[i] = p
         return result
+
+    def _answer_logits(self, input_ids, attention_mask, last):
+        """Each row's next-token logits after its position ``last``. Only the positions some row ends at go
+        through the output head (``logits_to_keep``), not the whole batch: a full-vocabulary row per token
+        would dominate the judge's memory."""
+        rows = torch.arange(len(last), device=last.device)
+        if not self._keeps_logits:
+            return self._model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, last]
+        kept, where = torch.unique(last, return_inverse=True)  # sorted positions, and each row's among them
+        logits = self._model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=kept).logits
+        return logits[rows, where]
 
     def _load(self) -> None:
         if self._model is not None:
@@ -184,6 +195,7 @@ class LLMPairwiseJudge(PairwiseJudge):
         )
         model = load_causal_lm(path, dtype=cfg.dtype, **common)
         self._model = model.to(self.context.device).eval().requires_grad_(False)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def _find_answers(self, labels: tuple[str, str]) -> tuple[list[int], tuple[int, int]]:
         """The tokens both answers start with (a leading space, often) and the first token where they differ,
