@@ -123,3 +123,14 @@ def user(text: str) -> dict:
 def assistant(text: str) -> dict:
     return {"role": "assistant", "content": text}
 
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) imported as a module, e.g. ``load_benchmark("trl_speed")``."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

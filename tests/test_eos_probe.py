@@ -1,24 +1,14 @@
 """benchmarks/eos_probe.py reads log p(EOS) at the right positions: checked against one forward per prefix,
 which needs no index arithmetic."""
 
-import importlib.util
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_config
+from helpers import load_benchmark
 
 from prefopt.data import TokenizedPair
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "eos_probe.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("eos_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @torch.no_grad()
@@ -38,7 +28,7 @@ def test_eos_logps_match_one_forward_per_prefix(tokenizer):
     chosen = tokenizer(" a quiet and moving scene", add_special_tokens=False)["input_ids"] + [eos]
     rejected = tokenizer(" noise", add_special_tokens=False)["input_ids"] + [eos]
     pair = TokenizedPair(row=0, prompt_ids=tuple(prompt), chosen_ids=tuple(chosen), rejected_ids=tuple(rejected))
-    got = _load_script().eos_logps(model, [pair, pair], eos)
+    got = load_benchmark("eos_probe").eos_logps(model, [pair, pair], eos)
 
     def at(response: list[int], k: int) -> float:  # p(EOS) in place of the response's k-th token
         return _next_eos_logp(model, prompt + response[:k], eos)

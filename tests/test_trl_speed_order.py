@@ -2,24 +2,14 @@
 as TRL's sequential step k. If the engine's ordering moves, the loss comparison silently becomes "n/a";
 this test catches that here instead of an hour into a benchmark."""
 
-import importlib.util
-from pathlib import Path
+from helpers import load_benchmark
 
 from prefopt.engine import planned_pairs
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "trl_speed.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("trl_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_file_order_replays_the_canonical_order_step_by_step():
     n, batch, seed = 44, 4, 0
-    order = _load_script().prefopt_file_order(n, batch, seed)
+    order = load_benchmark("trl_speed").prefopt_file_order(n, batch, seed)
     assert order is not None and sorted(order) == list(range(n))
     # The script writes canonical pair j at file position order[j]; invert that and replay the engine.
     canonical_at = {position: j for j, position in enumerate(order)}
