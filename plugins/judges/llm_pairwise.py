@@ -133,6 +133,7 @@ class LLMPairwiseJudge(PairwiseJudge):
         if not prompts:
             return []
         self._load()
+        first, second = [self._cut(c) for c in first], [self._cut(c) for c in second]  # once for both orders
         forward = self._first_is_better(prompts, first, second)
         if not self.config.both_orders:
             return forward
@@ -225,7 +226,7 @@ class LLMPairwiseJudge(PairwiseJudge):
 
     def _encode(self, prompt, first: str, second: str) -> list[int]:
         request = prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-        return self._ids(self._render(request, self._cut(first), self._cut(second))) + self._answer_start
+        return self._ids(self._render(request, first, second)) + self._answer_start
 
     def _render(self, request: str, first: str, second: str) -> str:
         question = self.config.template.format(prompt=request, first=first, second=second)
