@@ -35,8 +35,8 @@ import torch
 from prefopt.bench.evaluate import load_trained
 from prefopt.data import for_loss, load_rows, to_examples, tokenize_examples
 from prefopt.engine import build_task_data
-from prefopt.model import load_causal_lm, load_tokenizer, resolve_model_path
-from prefopt.plugins import default_plugins
+from prefopt.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from prefopt.registry.loading import default_plugins
 from prefopt.recipe import load_recipe
 
 COLUMNS = ("end chosen", "end rejected", "inside chosen", "inside rejected")

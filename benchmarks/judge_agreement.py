@@ -21,8 +21,8 @@ from pathlib import Path
 
 from prefopt import JudgeContext
 from prefopt.engine import build_task_data
-from prefopt.model import load_causal_lm, load_tokenizer, resolve_model_path
-from prefopt.plugins import default_plugins
+from prefopt.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from prefopt.registry.loading import default_plugins
 from prefopt.recipe import load_recipe
 from prefopt_plugins.judges.llm_pairwise import LLMPairwiseJudge
 

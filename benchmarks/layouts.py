@@ -45,9 +45,9 @@ def measure(args) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from prefopt.batching import collate_pairs
-    from prefopt.layouts import layout_inputs
-    from prefopt.logprobs import sequence_logps
+    from prefopt.forward.batching import collate_pairs
+    from prefopt.forward.layouts import layout_inputs
+    from prefopt.forward.logprobs import sequence_logps
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -29,9 +29,9 @@ def measure(args) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from prefopt.batching import collate_pairs
+    from prefopt.forward.batching import collate_pairs
     from prefopt.data.types import TokenizedPair
-    from prefopt.logprobs import sequence_logps
+    from prefopt.forward.logprobs import sequence_logps
 
     torch.manual_seed(0)
     config = LlamaConfig(

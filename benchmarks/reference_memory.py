@@ -45,7 +45,7 @@ def build_assets(root: Path, layers: int, extra: int) -> dict:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from prefopt.embedded import resolve_model_path
+    from prefopt.models.embedded import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
     config = LlamaConfig(
@@ -90,7 +90,7 @@ def measure(args) -> dict:
     import torch
 
     from prefopt import engine
-    from prefopt.plugins import default_plugins
+    from prefopt.registry.loading import default_plugins
     from prefopt.recipe import validate_tree
 
     torch.set_num_threads(args.threads)

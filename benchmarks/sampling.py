@@ -97,7 +97,7 @@ def bench_model(label: str, path: str, texts: list[str], args) -> dict:
     import torch
 
     from prefopt import SamplerContext
-    from prefopt.model import load_causal_lm, load_tokenizer
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
     from prefopt_plugins.samplers.hf_generate import TransformersSampler
     from prefopt_plugins.samplers.vllm_engine import VllmSampler
 
@@ -202,7 +202,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from prefopt.model import load_tokenizer, resolve_model_path
+    from prefopt.models.loading import load_tokenizer, resolve_model_path
 
     torch.set_num_threads(args.threads)
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "

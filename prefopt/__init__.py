@@ -4,12 +4,12 @@ The public API is what a plugin author needs; everything else is reached through
 modules themselves.
 """
 
-from .algorithm import Algorithm, AlgorithmConfig
-from .judging import Choice, Judge, JudgeConfig, JudgeContext, PairwiseJudge, ScoreJudge
-from .loss import LossConfig, LossOutput, PairLogps, PreferenceLoss, dpo_rewards
-from .plugins import hookimpl
-from .sampling import Sample, Sampler, SamplerConfig, SamplerContext
-from .task import Task, TaskConfig, TaskContext, TaskData
+from prefopt.api.algorithm import Algorithm, AlgorithmConfig
+from prefopt.api.judge import Choice, Judge, JudgeConfig, JudgeContext, PairwiseJudge, ScoreJudge
+from prefopt.api.loss import LossConfig, LossOutput, PairLogps, PreferenceLoss, dpo_rewards
+from prefopt.registry.loading import hookimpl
+from prefopt.api.sampler import Sample, Sampler, SamplerConfig, SamplerContext
+from prefopt.api.task import Task, TaskConfig, TaskContext, TaskData
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ import os
 import sys
 import textwrap
 
-from .errors import PrefoptError
+from prefopt.errors import PrefoptError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,7 +70,7 @@ def _add_extrapolate(commands) -> None:
 
 
 def cmd_validate(args) -> int:
-    from .recipe import load_recipe
+    from prefopt.recipe import load_recipe
 
     load_recipe(args.recipe, args.overrides)
     print(f"{args.recipe}: ok")
@@ -78,7 +78,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .plugins import default_plugins
+    from prefopt.registry.loading import default_plugins
 
     plugins = default_plugins()
     rows = [("KIND", "NAME", "PACKAGE", "PAPER / SUMMARY")]
@@ -94,8 +94,8 @@ def cmd_list(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .engine import run
-    from .recipe import load_recipe
+    from prefopt.engine import run
+    from prefopt.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     summary = run(recipe, show_progress=not args.no_progress)
@@ -116,10 +116,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .engine import build_task_data
-    from .model import load_causal_lm, load_tokenizer, resolve_model_path
-    from .plugins import default_plugins
-    from .recipe import load_recipe
+    from prefopt.engine import build_task_data
+    from prefopt.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+    from prefopt.registry.loading import default_plugins
+    from prefopt.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.data.task is None:
@@ -138,7 +138,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_extrapolate(args) -> int:
-    from .extrapolate import extrapolate
+    from prefopt.models.extrapolate import extrapolate
 
     if (args.alpha is None) == (args.paper_alpha is None):
         raise PrefoptError("extrapolate: give exactly one of --alpha A or --paper-alpha A (= --alpha 1+A)")
@@ -151,17 +151,17 @@ def cmd_extrapolate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench.recipe import load_bench
+    from prefopt.bench.recipe import load_bench
 
     if args.report_only:
-        from .bench.report import write_report
-        from .bench.results import read_results
+        from prefopt.bench.report import write_report
+        from prefopt.bench.results import read_results
 
         bench = load_bench(args.recipe, with_runs=False)
         report = write_report(bench, read_results(bench.dir))
         print(f"leaderboard: {report['markdown']}  {report['html']}")
         return 0
-    from .bench.runner import run_bench
+    from prefopt.bench.runner import run_bench
 
     outcome = run_bench(load_bench(args.recipe), only=args.only, show_progress=not args.no_progress)
     print(f"results: {len(outcome.rows)} runs in {outcome.report['markdown'].parent / 'results.jsonl'}")

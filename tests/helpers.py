@@ -27,7 +27,7 @@ def tiny_recipe(model_dir: Path, data_path: Path, out: Path, **sections) -> dict
 
 
 def validated(tree: dict):
-    from prefopt.plugins import default_plugins
+    from prefopt.registry.loading import default_plugins
     from prefopt.recipe import validate_tree
 
     return validate_tree(tree, default_plugins(), "test recipe")

@@ -85,7 +85,7 @@ def test_deepspeed_config_is_filled_from_the_recipe(name, stage, monkeypatch):
     from accelerate.utils import DeepSpeedPlugin, DistributedType
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
 
-    from prefopt.engine import _configure_deepspeed
+    from prefopt.engine.distributed import configure_deepspeed
     from prefopt.errors import PrefoptError
 
     args, defaults = _launch_args(CONFIGS / name)
@@ -99,10 +99,10 @@ def test_deepspeed_config_is_filled_from_the_recipe(name, stage, monkeypatch):
     accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=8,
                                   state=SimpleNamespace(deepspeed_plugin=plugin))
     train = SimpleNamespace(batch_size=32, micro_batch_size=4, max_grad_norm=0.5)
-    _configure_deepspeed(accelerator, train, accumulation=1)
+    configure_deepspeed(accelerator, train, accumulation=1)
     config = plugin.deepspeed_config
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
             config["gradient_clipping"]) == (4, 1, 0.5)
     with pytest.raises(PrefoptError, match=r"set train.micro_batch_size to train.batch_size / processes \(4\)"):
-        _configure_deepspeed(accelerator, SimpleNamespace(batch_size=32, micro_batch_size=2, max_grad_norm=0.5),
+        configure_deepspeed(accelerator, SimpleNamespace(batch_size=32, micro_batch_size=2, max_grad_norm=0.5),
                              accumulation=2)

@@ -12,8 +12,8 @@ import torch
 
 from helpers import tiny_recipe, validated
 from prefopt import engine
-from prefopt.batching import collate_pairs
-from prefopt.plugins import default_plugins
+from prefopt.forward.batching import collate_pairs
+from prefopt.registry.loading import default_plugins
 
 LOSSES = default_plugins().losses.names()
 

@@ -22,7 +22,7 @@ from prefopt.bench.recipe import load_bench
 from prefopt.cli import main
 from prefopt.errors import PrefoptError, RecipeError
 from prefopt.paths import CACHE_ENV, cache_dir, cache_root
-from prefopt.task import KL_METRIC, EvalOptions
+from prefopt.api.task import KL_METRIC, EvalOptions
 
 ROOT = Path(__file__).parent.parent
 # Read before any fixture points PREFOPT_CACHE at a temporary directory.

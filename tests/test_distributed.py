@@ -146,8 +146,8 @@ FSDP_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
-from prefopt.batching import PreferenceBatch
-from prefopt.logprobs import sequence_logps, supports_head_path
+from prefopt.forward.batching import PreferenceBatch
+from prefopt.forward.logprobs import sequence_logps, supports_head_path
 dist.init_process_group("gloo", rank=0, world_size=1)
 plain = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 sharded = AutoModelForCausalLM.from_pretrained(sys.argv[1])

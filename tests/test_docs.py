@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from prefopt.plugins import default_plugins
+from prefopt.registry.loading import default_plugins
 
 ROOT = Path(__file__).parent.parent
 BUILTIN_LOSSES = [i.name for i in default_plugins().losses.infos() if i.provider.startswith("prefopt ")]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import prefopt.embedded as embedded
-from prefopt.embedded import resolve_model_path
+import prefopt.models.embedded as embedded
+from prefopt.models.embedded import resolve_model_path
 from prefopt.errors import PrefoptError
 from prefopt.paths import CACHE_ENV
 

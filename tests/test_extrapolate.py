@@ -14,7 +14,7 @@ from conftest import tiny_config
 from helpers import one_line_error
 from prefopt.cli import main
 from prefopt.errors import PrefoptError
-from prefopt.extrapolate import extrapolate
+from prefopt.models.extrapolate import extrapolate
 
 
 def _load(path) -> torch.nn.Module:
@@ -82,7 +82,7 @@ def test_alpha_one_reproduces_the_aligned_weights_exactly(sft, aligned, tmp_path
 
 
 def test_alpha_below_one_interpolates_and_says_so(sft, aligned, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="prefopt.extrapolate"):
+    with caplog.at_level(logging.WARNING, logger="prefopt.models.extrapolate"):
         out = extrapolate(str(sft), str(aligned), tmp_path / "mid", alpha=0.5, show_progress=False)
     assert "interpolates" in caplog.text
     _assert_extrapolated(out, sft, aligned, 0.5)

@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_config
 from prefopt import Choice, JudgeConfig, JudgeContext, PairwiseJudge, ScoreJudge
 from prefopt.errors import PrefoptError
-from prefopt.plugins import AUTOLOAD_OFF_ENV, EXTRA_PLUGINS_ENV, default_plugins
+from prefopt.registry.loading import AUTOLOAD_OFF_ENV, EXTRA_PLUGINS_ENV, default_plugins
 from prefopt_plugins.judges.function import FunctionJudge
 from prefopt_plugins.judges.reward_model import RewardModelJudge
 

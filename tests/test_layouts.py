@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_recipe, validated
-from prefopt import engine, layouts
-from prefopt.batching import collate_pairs
+from prefopt import engine
+from prefopt.forward import layouts
+from prefopt.forward.batching import collate_pairs
 from prefopt.data.types import TokenizedPair
-from prefopt.layouts import layout_inputs
-from prefopt.logprobs import sequence_logps
+from prefopt.forward.layouts import layout_inputs
+from prefopt.forward.logprobs import sequence_logps
 
 VOCAB = 128
 ATOL = 1e-5
@@ -120,7 +121,7 @@ def test_sliding_window_packs_by_position_ids_and_prefix_sharing_falls_back(capl
         torch.testing.assert_close(sequence_logps(model, batch, layout="packed").token_logps,
                                    sequence_logps(model, batch).token_logps, rtol=0, atol=ATOL)
     layouts._reported.clear()
-    with caplog.at_level(logging.WARNING, logger="prefopt.layouts"):
+    with caplog.at_level(logging.WARNING, logger="prefopt.forward.layouts"):
         assert layout_inputs(model, batch, "prefix_shared").layout == "padded"
         assert layout_inputs(model, batch, "prefix_shared").layout == "padded"
     assert len(caplog.records) == 1 and "sliding-window" in caplog.records[0].getMessage()

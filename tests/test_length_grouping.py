@@ -11,7 +11,7 @@ import torch
 
 from helpers import tiny_recipe, validated
 from prefopt import engine
-from prefopt.batching import collate_pairs
+from prefopt.forward.batching import collate_pairs
 from prefopt.data.types import TokenizedPair, TokenizedPairs
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefopt.batching import collate_pairs
+from prefopt.forward.batching import collate_pairs
 from prefopt.data.types import TokenizedPair
-from prefopt.logprobs import sequence_logps, supports_head_path
+from prefopt.forward.logprobs import sequence_logps, supports_head_path
 
 
 def _batch():

@@ -66,7 +66,7 @@ def test_steps_cycle_through_a_round_pairs(tiny_model_dir, pairs_file, tmp_path)
     from prefopt_plugins.algorithms.online import OnlineDPO, _RoundDriver
 
     algorithm = OnlineDPO(OnlineDPO.Config.model_validate({k: v for k, v in tree["algorithm"].items() if k != "name"}))
-    from prefopt.plugins import default_plugins
+    from prefopt.registry.loading import default_plugins
 
     driver = _RoundDriver(algorithm, validated(tree), default_plugins(), run, None)
     driver.before_step(run, 0)

@@ -1,4 +1,4 @@
-"""Plugin loading (``prefopt.plugins``), the registry's rules, the hookspecs, and ``prefopt list``.
+"""Plugin loading (``prefopt.registry.loading``), the registry's rules, the hookspecs, and ``prefopt list``.
 
 Broken plugins are written as small modules under ``tmp_path`` (put on ``sys.path``) and loaded through
 ``PREFOPT_PLUGINS``, the same way a user names an uninstalled plugin module.
@@ -15,10 +15,10 @@ from pathlib import Path
 import pydantic
 import pytest
 
-import prefopt.hookspecs
+import prefopt.registry.hookspecs
 from prefopt import PreferenceLoss
 from prefopt.errors import PrefoptError
-from prefopt.plugins import AUTOLOAD_OFF_ENV, EXTRA_PLUGINS_ENV, default_plugins, load_plugins
+from prefopt.registry.loading import AUTOLOAD_OFF_ENV, EXTRA_PLUGINS_ENV, default_plugins, load_plugins
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,7 +183,7 @@ def test_missing_plugin_module_is_named(monkeypatch):
 @pytest.mark.parametrize(
     "returned, expected",
     [
-        ("NotALoss", "must be a subclass of prefopt.loss.PreferenceLoss"),
+        ("NotALoss", "must be a subclass of prefopt.api.loss.PreferenceLoss"),
         ("DPO(DPO.Config())", "hooks return classes, not instances"),  # an instance, not a class
     ],
     ids=["plain-class", "instance"],
@@ -269,10 +269,10 @@ def test_prefopt_list_shows_dpo_with_its_package_and_paper(capsys, installed):
 
 
 def hookspecs() -> dict[str, object]:
-    """Every function in prefopt.hookspecs marked as a hookspec (pluggy sets `<project>_spec` on it)."""
+    """Every function in prefopt.registry.hookspecs marked as a hookspec (pluggy sets `<project>_spec` on it)."""
     return {
         name: fn
-        for name, fn in inspect.getmembers(prefopt.hookspecs, inspect.isfunction)
+        for name, fn in inspect.getmembers(prefopt.registry.hookspecs, inspect.isfunction)
         if hasattr(fn, "prefopt_spec")
     }
 
@@ -280,8 +280,8 @@ def hookspecs() -> dict[str, object]:
 def test_hookspecs_are_prefixed_and_versioned():
     specs = hookspecs()
     assert "prefopt_register_losses" in specs
-    public = {n for n, fn in inspect.getmembers(prefopt.hookspecs, inspect.isfunction)
-              if fn.__module__ == prefopt.hookspecs.__name__ and not n.startswith("_")}
+    public = {n for n, fn in inspect.getmembers(prefopt.registry.hookspecs, inspect.isfunction)
+              if fn.__module__ == prefopt.registry.hookspecs.__name__ and not n.startswith("_")}
     assert public == set(specs), f"functions in hookspecs.py that are not hookspecs: {public - set(specs)}"
     for name, fn in specs.items():
         assert name.startswith("prefopt_"), name

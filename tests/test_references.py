@@ -9,7 +9,7 @@ import torch
 from helpers import kill_after, tiny_recipe, train_losses, validated
 from prefopt import engine
 from prefopt.errors import PrefoptError
-from prefopt.following import FollowingReference, FollowingWeights
+from prefopt.reference.following import FollowingReference, FollowingWeights
 
 
 def _policy_params(run) -> dict[str, torch.Tensor]:
@@ -57,8 +57,8 @@ def test_soft_sync_mixes_alpha_of_the_policy_into_the_reference_parameter_by_par
 
 
 def test_lora_sync_follows_the_adapter_only_and_scores_like_the_policy(tiny_model_dir, pairs_file, tmp_path):
-    from prefopt.batching import collate_pairs
-    from prefopt.logprobs import sequence_logps
+    from prefopt.forward.batching import collate_pairs
+    from prefopt.forward.logprobs import sequence_logps
 
     run = _sync_run(tiny_model_dir, pairs_file, tmp_path / "run", {"mode": "hard", "every": 1},
                     model={"path": str(tiny_model_dir), "lora": {"r": 4, "alpha": 8}},

@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_config
 from prefopt import Sample, SamplerContext
 from prefopt.errors import PrefoptError
-from prefopt.model import merged_state_dict
+from prefopt.models.loading import merged_state_dict
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*torch.jit.script_method.*:DeprecationWarning",  # raised inside vllm's imports
@@ -225,7 +225,7 @@ def test_vllm_sampler_without_vllm_says_what_to_install(context, monkeypatch):
 
 
 def test_loading_the_plugins_does_not_import_vllm():
-    code = ("import sys; from prefopt.plugins import load_plugins; p = load_plugins(); "
+    code = ("import sys; from prefopt.registry.loading import load_plugins; p = load_plugins(); "
             "assert {'transformers', 'vllm'} <= set(p.samplers.names()), p.samplers.names(); "
             "assert 'vllm' not in sys.modules; print('ok')")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -334,7 +334,7 @@ def test_transformers_sampler_with_lora_samples_the_adapted_model(context, polic
 def test_wrong_options_are_rejected(name, options, message):
     from pydantic import ValidationError
 
-    from prefopt.plugins import load_plugins
+    from prefopt.registry.loading import load_plugins
 
     with pytest.raises(ValidationError, match=message):
         load_plugins().samplers.get(name).Config(**options)

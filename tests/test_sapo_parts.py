@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from prefopt.following import FollowingWeights
+from prefopt.reference.following import FollowingWeights
 from prefopt_plugins.algorithms.sapo_parts import (
     DEFAULT_EMA_DECAY,
     REFERENCE_REFRESH_EVERY,

@@ -12,7 +12,7 @@ from conftest import PAIRS, write_jsonl
 from helpers import kill_after, tiny_recipe, train_losses, validated
 from prefopt import engine
 from prefopt.errors import RecipeError
-from prefopt.model import base_weights_fingerprint
+from prefopt.models.loading import base_weights_fingerprint
 
 TRAIN = {"batch_size": 2, "micro_batch_size": 1, "max_steps": None, "epochs": 1, "learning_rate": 3e-3,
          "save_every": 2}

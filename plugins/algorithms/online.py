@@ -46,11 +46,11 @@ import torch
 from pydantic import Field
 
 from prefopt import Algorithm, AlgorithmConfig, hookimpl
-from prefopt.algorithm import PluginSpec, plugin_config
+from prefopt.api.algorithm import PluginSpec, plugin_config
 from prefopt.data.types import TokenizedPair, TokenizedPairs
 from prefopt.errors import PrefoptError
-from prefopt.judging import JudgeContext
-from prefopt.sampling import SamplerContext
+from prefopt.api.judge import JudgeContext
+from prefopt.api.sampler import SamplerContext
 
 ROUNDS_DIR = "rounds"
 
@@ -212,7 +212,7 @@ def setup_on_policy(name: str, recipe, plugins, *, show_progress: bool, **setup_
     run = engine.setup(derived, plugins, show_progress=show_progress, **setup_options)
     if run.loss.unpaired or run.loss.multi_reference:
         raise PrefoptError(f"algorithm {name} trains paired, single-reference losses; loss {run.loss.name!r} is not one")
-    if engine._sharded_params(run.accelerator):
+    if engine.sharded_params(run.accelerator):
         raise PrefoptError(f"algorithm {name} samples from the whole model on one process, which FSDP or ZeRO-3 do "
                            "not hold; train with DDP or on one process")
     return run
@@ -356,7 +356,7 @@ class _RoundDriver:
         if self.sampler is not None:
             return
         run, m = self.run, self.recipe.model
-        from prefopt.model import resolve_model_path
+        from prefopt.models.loading import resolve_model_path
 
         sampler_cls, sampler_config = plugin_config(self.plugins.samplers, self.config.sampler,
                                                                  "algorithm.sampler")

@@ -9,10 +9,10 @@ import torch
 from pydantic import Field
 
 from prefopt import Algorithm, AlgorithmConfig, hookimpl
-from prefopt.algorithm import PluginSpec, plugin_config
+from prefopt.api.algorithm import PluginSpec, plugin_config
 from prefopt.data.types import TokenizedPair, TokenizedPairs
 from prefopt.errors import PrefoptError
-from prefopt.sampling import SamplerContext
+from prefopt.api.sampler import SamplerContext
 
 from prefopt_plugins.samplers.hf_generate import eos_token_ids
 
@@ -90,8 +90,8 @@ class _SAPODriver:
     """The EMA model, the replay buffer and the augmentation, run from the engine's step hooks."""
 
     def __init__(self, config: SAPOConfig, recipe, plugins, run) -> None:
-        from prefopt import checkpoint as ckpt
-        from prefopt.following import FollowingWeights
+        from prefopt.engine import checkpoint as ckpt
+        from prefopt.reference.following import FollowingWeights
 
         self.config, self.recipe, self.plugins, self.run = config, recipe, plugins, run
         self.data = run.train_pairs  # the real (prompt, preferred response) pairs; rejected ones are not read
@@ -169,13 +169,13 @@ class _SAPODriver:
     def _generate(self, prompts, seed: int):
         """The EMA model's continuation of each prompt: the EMA weights are put into the policy module while
         the sampler reads them, and the policy's own put back bitwise after."""
-        from prefopt.following import substituted
+        from prefopt.reference.following import substituted
 
         if self.sampler is None:
             cls, config = plugin_config(self.plugins.samplers, self.config.sampler, "algorithm.sampler")
             config = config.model_copy(update={"max_new_tokens": self.config.segment_tokens})
             m = self.recipe.model
-            from prefopt.model import resolve_model_path
+            from prefopt.models.loading import resolve_model_path
 
             self.sampler = cls(config, SamplerContext(
                 model_path=resolve_model_path(m.path), tokenizer=self.run.tokenizer, dtype=m.dtype,

@@ -12,7 +12,7 @@ of such pairs. This module holds the pure parts (no model, no I/O), so each can 
   or A + B' when B' ends the response with EOS.
 - :func:`reference_refresh_due` / :func:`augmentation_due`: the step schedules.
 
-The EMA model itself is :class:`prefopt.following.FollowingWeights`: ``ema_update(policy, decay)`` does
+The EMA model itself is :class:`prefopt.reference.following.FollowingWeights`: ``ema_update(policy, decay)`` does
 ``ema <- decay * ema + (1 - decay) * policy``, so ``decay`` is SAPO's ``ema_beta`` (0.5 in its configs).
 
 One optimizer step of SAPO, in the order the reference implementation uses:

@@ -199,8 +199,8 @@ def _cut(order: list[int], parts: int) -> list[list[int]]:
 def _preference_margins(recipe, pairs: TokenizedPairs, score_model: str | None) -> list[float]:
     """Per pair, mean log-prob per token of chosen minus rejected under the scoring model, through the
     reference cache (a later run, or a stage reference of the same model and pairs, reuses it)."""
-    from prefopt.model import base_weights_fingerprint, load_causal_lm, load_tokenizer, resolve_model_path
-    from prefopt.reference import CachedReference, LiveReference, build_cache, cache_key, cache_path
+    from prefopt.models.loading import base_weights_fingerprint, load_causal_lm, load_tokenizer, resolve_model_path
+    from prefopt.reference.providers import CachedReference, LiveReference, build_cache, cache_key, cache_path
 
     m = recipe.model
     path = resolve_model_path(score_model or m.path)

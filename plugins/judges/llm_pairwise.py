@@ -37,7 +37,7 @@ from pydantic import Field, field_validator
 
 from prefopt import JudgeConfig, JudgeContext, PairwiseJudge, hookimpl
 from prefopt.errors import PrefoptError
-from prefopt.judging import drop_models, right_pad
+from prefopt.api.judge import drop_models, right_pad
 
 DEFAULT_TEMPLATE = (
     "Below are a request and two responses to it. Which response is better: more helpful, more accurate "
@@ -177,7 +177,7 @@ class LLMPairwiseJudge(PairwiseJudge):
     def _load(self) -> None:
         if self._model is not None:
             return
-        from prefopt.model import load_causal_lm, load_tokenizer, resolve_model_path
+        from prefopt.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 
         cfg = self.config
         path = resolve_model_path(cfg.path)

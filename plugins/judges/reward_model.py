@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 
 from prefopt import JudgeConfig, JudgeContext, ScoreJudge, hookimpl
 from prefopt.errors import PrefoptError, did_you_mean
-from prefopt.judging import drop_models, right_pad
+from prefopt.api.judge import drop_models, right_pad
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from prefopt import LossConfig, LossOutput, PairLogps, PreferenceLoss, hookimpl
 from prefopt.errors import PrefoptError, did_you_mean
-from prefopt.plugins import Registry, default_plugins
+from prefopt.registry.loading import Registry, default_plugins
 
 # Keys of a component that belong to the mixture, not to the component's loss.
 RESERVED = ("name", "weight")

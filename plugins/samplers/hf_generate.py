@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from prefopt import Sample, Sampler, SamplerConfig, hookimpl
-from prefopt import sampling as prefopt_sampling
+from prefopt.api import sampler as prefopt_sampling
 from prefopt.errors import PrefoptError
 
 

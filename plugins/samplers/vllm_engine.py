@@ -6,7 +6,7 @@ The engine (``vllm.LLM``) is built on first use from the policy's initial direct
 directly. ``load_weights(model)`` pushes the model's current weights into the running engine through a
 worker extension (``WeightSync``, which calls the model runner's ``reload_weights``): no checkpoint is
 written or read. Under LoRA it pushes the merged weights, W + delta per adapted layer
-(``prefopt.model.merged_state_dict``), computed without touching the policy.
+(``prefopt.models.loading.merged_state_dict``), computed without touching the policy.
 
 Samples are reproducible: every prompt's request carries its own seed, derived from (seed, prompt index),
 and vLLM gives the k-th of its ``n`` samples seed + k, so the same weights, prompts, ``n`` and seed give the
@@ -118,7 +118,7 @@ class VllmSampler(Sampler):
         return self._llm
 
     def load_weights(self, model) -> None:
-        from prefopt.model import merged_state_dict
+        from prefopt.models.loading import merged_state_dict
 
         self._eos_ids = eos_token_ids(model, self.context.tokenizer)
         weights = list(merged_state_dict(model).items())

@@ -60,8 +60,8 @@ from tqdm.auto import tqdm
 from prefopt import Task, TaskConfig, TaskContext, TaskData, hookimpl
 from prefopt.errors import PrefoptError
 from prefopt.paths import cache_dir, publish, staging_dir
-from prefopt.sampling import derive_seed
-from prefopt.task import KL_METRIC, EvalOptions, completion_logps
+from prefopt.api.sampler import derive_seed
+from prefopt.api.task import KL_METRIC, EvalOptions, completion_logps
 
 log = logging.getLogger(__name__)
 

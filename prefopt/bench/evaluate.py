@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import PrefoptError
-from ..task import KL_METRIC, EvalOptions, Task
-from .files import EVAL_FILE, write_json
+from prefopt.errors import PrefoptError
+from prefopt.api.task import KL_METRIC, EvalOptions, Task
+from prefopt.bench.files import EVAL_FILE, write_json
 
 
 def recipe_digest(text: str) -> str:
@@ -50,7 +50,7 @@ class Evaluator:
     """Evaluates runs one after another, keeping the models every run shares (the reference) loaded."""
 
     def __init__(self, options: EvalOptions) -> None:
-        from ..plugins import default_plugins
+        from prefopt.registry.loading import default_plugins
 
         self.options = options
         self.plugins = default_plugins()
@@ -58,7 +58,7 @@ class Evaluator:
 
     def shared_model(self, path: str, recipe, revision: str | None = None):
         """A model loaded once per process (the initial model and the reference)."""
-        from ..model import load_causal_lm
+        from prefopt.models.loading import load_causal_lm
 
         key = (path, recipe.model.dtype)
         if key not in self._models:
@@ -70,9 +70,9 @@ class Evaluator:
     def evaluate(self, recipe_file: Path, *, initial: bool) -> dict:
         import torch
 
-        from ..engine import build_task_data
-        from ..model import load_tokenizer, resolve_model_path
-        from ..recipe import load_recipe
+        from prefopt.engine import build_task_data
+        from prefopt.models.loading import load_tokenizer, resolve_model_path
+        from prefopt.recipe import load_recipe
 
         started = time.perf_counter()
         text = recipe_file.read_text()
@@ -117,7 +117,7 @@ class Evaluator:
 def load_trained(model_dir: Path, recipe):
     """A run's saved model; a LoRA adapter is merged into a fresh copy of the base model it names (the
     initial model, or for a staged algorithm the previous stage's model)."""
-    from ..model import load_causal_lm, resolve_model_path
+    from prefopt.models.loading import load_causal_lm, resolve_model_path
 
     m = recipe.model
     adapter_config = model_dir / "adapter_config.json"

@@ -23,9 +23,9 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..errors import PrefoptError, RecipeError, did_you_mean
-from ..recipe import apply_override, parse_override, read_yaml, validate_tree
-from ..task import EvalOptions
+from prefopt.errors import PrefoptError, RecipeError, did_you_mean
+from prefopt.recipe import apply_override, parse_override, read_yaml, validate_tree
+from prefopt.api.task import EvalOptions
 
 # Names become directory names: letters, digits, dot, dash, underscore; no leading dot or dash.
 ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -204,7 +204,7 @@ def load_bench(path: str | Path, plugins=None, *, with_runs: bool = True) -> Ben
     bench = Bench(path=path, spec=spec, base=base, dir=Path(spec.output.dir), runs=(), initial=None)
     if not with_runs:
         return bench
-    from ..plugins import default_plugins
+    from prefopt.registry.loading import default_plugins
 
     return _with_runs(bench, plugins or default_plugins())
 

@@ -13,10 +13,10 @@ import html
 import json
 from pathlib import Path
 
-from .files import EVAL_FILE, read_json
-from .plots import write_plots
-from .recipe import Bench
-from .results import METRICS, Spread, aggregate, seed_mean_curves
+from prefopt.bench.files import EVAL_FILE, read_json
+from prefopt.bench.plots import write_plots
+from prefopt.bench.recipe import Bench
+from prefopt.bench.results import METRICS, Spread, aggregate, seed_mean_curves
 
 COLUMNS = {  # metric -> (header, format)
     "reward": ("reward", ".3f"),

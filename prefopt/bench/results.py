@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import EVAL_FILE, RESULTS_FILE, TRAIN_FILE, read_json
+from prefopt.bench.files import EVAL_FILE, RESULTS_FILE, TRAIN_FILE, read_json
 
 # What the leaderboard aggregates over seeds, in its column order.
 METRICS = ("reward", "kl", "length", "accuracy", "tokens_per_s", "pairs_per_s", "peak_rss_mib", "wall_s",
@@ -86,7 +86,7 @@ def write_results(path: Path, rows: list[dict]) -> None:
 
 
 def read_results(bench_dir: Path) -> list[dict]:
-    from ..errors import PrefoptError
+    from prefopt.errors import PrefoptError
 
     path = Path(bench_dir) / RESULTS_FILE
     if not path.is_file():

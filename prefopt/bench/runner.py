@@ -19,15 +19,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..errors import PrefoptError, did_you_mean
-from ..paths import CACHE_ENV, cache_root
-from ..recipe import dump_recipe
-from .evaluate import options_record, recipe_digest
-from .files import EVAL_FILE, EVAL_LOG, RECIPE_FILE, RESULTS_FILE, TRAIN_FILE, TRAIN_LOG, read_json, write_json
-from .processes import failure_reason, last_error_line, python_module, run_child
-from .recipe import Bench, Run
-from .report import write_report
-from .results import run_row, write_results
+from prefopt.errors import PrefoptError, did_you_mean
+from prefopt.paths import CACHE_ENV, cache_root
+from prefopt.recipe import dump_recipe
+from prefopt.bench.evaluate import options_record, recipe_digest
+from prefopt.bench.files import EVAL_FILE, EVAL_LOG, RECIPE_FILE, RESULTS_FILE, TRAIN_FILE, TRAIN_LOG, read_json, write_json
+from prefopt.bench.processes import failure_reason, last_error_line, python_module, run_child
+from prefopt.bench.recipe import Bench, Run
+from prefopt.bench.report import write_report
+from prefopt.bench.results import run_row, write_results
 
 
 @dataclass

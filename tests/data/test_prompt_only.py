@@ -6,7 +6,7 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from prefopt.batching import collate_pairs
+from prefopt.forward.batching import collate_pairs
 from prefopt.data import PreferenceExample, to_examples, tokenize_examples
 from prefopt.data.tokenize import PROMPT_TOO_LONG
 from prefopt.errors import PrefoptError

@@ -12,7 +12,7 @@ import json
 import datasets
 import pytest
 
-from prefopt.batching import collate_pairs
+from prefopt.forward.batching import collate_pairs
 from prefopt.data import PreferenceExample, for_loss, load_rows, to_examples, tokenize_examples
 from prefopt.data.tokenize import SAME_AFTER_TRUNCATION
 from prefopt.errors import PrefoptError

@@ -15,7 +15,7 @@ What is TRL's and what is stubbed:
   instead of by tokenizing text.
 
 prefopt's losses get the same numbers as ``PairLogps``: ``response_logps`` sums log_softmax(logits) at the
-response targets in float64 (prefopt.logprobs does the same, in float32, on a real model).
+response targets in float64 (prefopt.forward.logprobs does the same, in float32, on a real model).
 """
 
 from __future__ import annotations

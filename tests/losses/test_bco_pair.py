@@ -15,8 +15,9 @@ import torch
 from pydantic import ValidationError
 
 from helpers import tiny_recipe, validated
-from prefopt import checkpoint, engine
-from prefopt.plugins import default_plugins
+from prefopt import engine
+from prefopt.engine import checkpoint
+from prefopt.registry.loading import default_plugins
 from prefopt_plugins.losses.bco_pair import BCOPair
 from trl_harness import (
     assert_matches_trl, pair_logps_of, prefopt_pair_logps, random_preference_batch, trl_compute_loss, trl_dpo_trainer,

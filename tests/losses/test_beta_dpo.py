@@ -19,8 +19,9 @@ import torch
 from pydantic import ValidationError
 
 from helpers import tiny_recipe, validated
-from prefopt import checkpoint, engine
-from prefopt.plugins import default_plugins
+from prefopt import engine
+from prefopt.engine import checkpoint
+from prefopt.registry.loading import default_plugins
 from prefopt_plugins.losses.beta_dpo import BetaDPO
 from prefopt_plugins.losses.dpo import DPO
 from trl_harness import pair_logps_of, prefopt_pair_logps, random_preference_batch

@@ -22,9 +22,9 @@ from torch import nn
 
 from helpers import tiny_recipe, validated
 from prefopt import PairLogps, engine
-from prefopt.batching import collate_pairs
-from prefopt.metrics import PairMetrics
-from prefopt.plugins import EXTRA_PLUGINS_ENV, default_plugins
+from prefopt.forward.batching import collate_pairs
+from prefopt.engine.metrics import PairMetrics
+from prefopt.registry.loading import EXTRA_PLUGINS_ENV, default_plugins
 from prefopt_plugins.losses.kto import KTO
 from trl_harness import pair_logps_of, prefopt_pair_logps, random_preference_batch
 

@@ -16,9 +16,9 @@ from pydantic import ValidationError
 
 from helpers import tiny_recipe, validated
 from prefopt import PreferenceLoss, engine
-from prefopt.batching import collate_pairs
+from prefopt.forward.batching import collate_pairs
 from prefopt.errors import PrefoptError
-from prefopt.plugins import EXTRA_PLUGINS_ENV, Registry, default_plugins, load_plugins
+from prefopt.registry.loading import EXTRA_PLUGINS_ENV, Registry, default_plugins, load_plugins
 from prefopt.recipe import load_recipe
 from prefopt_plugins.losses.bco_pair import BCOPair
 from prefopt_plugins.losses.dpo import DPO

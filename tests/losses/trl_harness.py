@@ -175,7 +175,7 @@ def prefopt_pair_logps(batch: dict[str, torch.Tensor], per_token_logps: torch.Te
     """The same numbers as prefopt's engine would hand a loss, and the leaf to differentiate against.
 
     Sums and token counts come from the per-token log-probs and the shifted completion mask (as
-    ``prefopt.logprobs`` computes them); reference sums from ``ref_token_logps`` when given, else from the
+    ``prefopt.forward.logprobs`` computes them); reference sums from ``ref_token_logps`` when given, else from the
     batch. ``token_level`` adds the per-token tensors and masks (for losses with ``requires_token_logps``).
     Everything is float64: a float32 batch is upcast here, so prefopt runs at full precision.
     """
@@ -271,8 +271,8 @@ def random_next_token_logits(batch: dict[str, torch.Tensor], vocab: int, seed: i
 
 def engine_token_logps(batch: dict[str, torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token log-probs, per-token log sum_v p_v^2), each (2B, T-1) and 0 outside the completion, computed
-    from ``logits`` by the function prefopt's engine scores every chunk with (``prefopt.logprobs``), in float64."""
-    from prefopt.logprobs import _selected_logps
+    from ``logits`` by the function prefopt's engine scores every chunk with (``prefopt.forward.logprobs``), in float64."""
+    from prefopt.forward.logprobs import _selected_logps
 
     mask = batch["completion_mask"][:, 1:].bool()
     targets = batch["input_ids"][:, 1:]

@@ -1,6 +1,6 @@
 """The loss contract: everything a loss plugin sees and returns.
 
-A loss is pure tensor math. The engine batches, runs the models, computes log-probs (``prefopt.logprobs``)
+A loss is pure tensor math. The engine batches, runs the models, computes log-probs (``prefopt.forward.logprobs``)
 and reduces; a loss maps per-sequence log-probs to per-pair losses and rewards. What a loss needs beyond
 the policy's summed log-probs it *declares* as class attributes, and the engine computes exactly that;
 the engine never looks at a loss's name.

@@ -16,13 +16,13 @@ from typing import Generic, TypeVar
 
 import pluggy
 
-from . import hookspecs
-from .errors import PrefoptError, did_you_mean
-from .algorithm import Algorithm
-from .judging import Judge
-from .loss import PreferenceLoss
-from .sampling import Sampler
-from .task import Task
+from prefopt.registry import hookspecs
+from prefopt.errors import PrefoptError, did_you_mean
+from prefopt.api.algorithm import Algorithm
+from prefopt.api.judge import Judge
+from prefopt.api.loss import PreferenceLoss
+from prefopt.api.sampler import Sampler
+from prefopt.api.task import Task
 
 GROUP = "prefopt"
 AUTOLOAD_OFF_ENV = "PREFOPT_DISABLE_PLUGIN_AUTOLOAD"

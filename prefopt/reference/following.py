@@ -19,8 +19,8 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from .batching import PreferenceBatch
-from .logprobs import SequenceLogps, sequence_logps
+from prefopt.forward.batching import PreferenceBatch
+from prefopt.forward.logprobs import SequenceLogps, sequence_logps
 
 
 class FollowingWeights:

@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import PrefoptError
-from .model import DTYPES, load_causal_lm, load_tokenizer, resolve_model_path
-from .paths import staging_dir
+from prefopt.errors import PrefoptError
+from prefopt.models.loading import DTYPES, load_causal_lm, load_tokenizer, resolve_model_path
+from prefopt.paths import staging_dir
 
 __all__ = ["extrapolate"]
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .data.types import TokenizedPair
+from prefopt.data.types import TokenizedPair
 
 
 @dataclass

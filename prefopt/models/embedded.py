@@ -20,8 +20,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PrefoptError
-from .paths import cache_dir, publish, staging_dir
+from prefopt.errors import PrefoptError
+from prefopt.paths import cache_dir, publish, staging_dir
 
 __all__ = ["EMBEDDED_MODELS", "EmbeddedModel", "resolve_model_path"]
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import PrefoptError
+from prefopt.errors import PrefoptError
 
 __all__ = ["Algorithm", "AlgorithmConfig", "PluginSpec", "plugin_config"]
 

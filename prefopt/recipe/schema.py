@@ -18,8 +18,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from .errors import PrefoptError, RecipeError, did_you_mean
-from .plugins import Plugins, Registry
+from prefopt.errors import PrefoptError, RecipeError, did_you_mean
+from prefopt.registry.loading import Plugins, Registry
 
 
 class Section(BaseModel):
@@ -375,7 +375,7 @@ def build_algorithm(recipe: BaseModel, plugins: Plugins):
 
 def load_recipe(path: str | Path, overrides: list[str] = (), plugins: Plugins | None = None) -> BaseModel:
     """Read, override and validate a recipe; raise RecipeError listing every problem."""
-    from .plugins import default_plugins
+    from prefopt.registry.loading import default_plugins
 
     plugins = plugins or default_plugins()
     path = Path(path)

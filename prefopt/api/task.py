@@ -111,12 +111,12 @@ def completion_logps(
 
     ``sequences`` holds (prompt token ids, completion token ids) pairs; the completion's tokens are scored,
     an EOS it ends with included (the decision to stop is part of the sample). Computed by
-    ``prefopt.logprobs.sequence_logps``, so the output head is applied in chunks, never to the whole batch.
+    ``prefopt.forward.logprobs.sequence_logps``, so the output head is applied in chunks, never to the whole batch.
     """
     import torch
 
-    from .batching import PreferenceBatch, pad_sequences
-    from .logprobs import sequence_logps
+    from prefopt.forward.batching import PreferenceBatch, pad_sequences
+    from prefopt.forward.logprobs import sequence_logps
 
     sums: list[float] = []
     for start in range(0, len(sequences), batch_size):

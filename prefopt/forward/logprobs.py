@@ -11,7 +11,7 @@ models whose forward has no ``logits_to_keep`` and models whose weights are shar
 ZeRO-3: outside the forward the head holds only this process's shard) take the plain path: full
 logits, log-softmax in chunks of rows. Both paths give the same numbers (tests/test_logprobs.py).
 
-Both paths run the batch in any layout of ``prefopt.layouts`` (padded, packed, prefix-shared) and read
+Both paths run the batch in any layout of ``prefopt.forward.layouts`` (padded, packed, prefix-shared) and read
 the predictions back in the padded layout's order, so results have the same shape whatever the layout.
 """
 
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .batching import PreferenceBatch
-from .layouts import LayoutInputs, layout_inputs
+from prefopt.forward.batching import PreferenceBatch
+from prefopt.forward.layouts import LayoutInputs, layout_inputs
 
 # Config attributes that make the head more than a linear map; such models take the plain path.
 _HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -193,7 +193,7 @@ def sequence_logps(
 
     ``collision`` also returns each response position's log sum_v p_v^2 (for WPO); it costs one more
     log-sum-exp over the vocabulary per token. ``layout`` is how the batch goes through the model
-    (``prefopt.layouts``); the results are the same for every layout, up to float summation order.
+    (``prefopt.forward.layouts``); the results are the same for every layout, up to float summation order.
     """
     targets_mask = batch.response_mask[:, 1:]
     if use_head_path is None:

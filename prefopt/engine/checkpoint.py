@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import PrefoptError
+from prefopt.errors import PrefoptError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -9,7 +9,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .errors import PrefoptError
+from prefopt.errors import PrefoptError
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def resolve_model_path(path: str) -> str:
     """An embedded model name becomes the local directory of its converted checkpoint."""
-    from .embedded import resolve_model_path as resolve_embedded
+    from prefopt.models.embedded import resolve_model_path as resolve_embedded
 
     return resolve_embedded(path)
 

@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from .loss import LossOutput, PairLogps
+from prefopt.api.loss import LossOutput, PairLogps
 
 # Unpaired metrics that are a difference of two means, computed after the sums are gathered.
 UNPAIRED_DIFFERENCES = {"rewards/margins": ("rewards/chosen", "rewards/rejected")}

@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .batching import PreferenceBatch, collate_pairs
-from .data.types import TokenizedPairs
-from .logprobs import SequenceLogps, sequence_logps
-from .paths import cache_dir
+from prefopt.forward.batching import PreferenceBatch, collate_pairs
+from prefopt.data.types import TokenizedPairs
+from prefopt.forward.logprobs import SequenceLogps, sequence_logps
+from prefopt.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class LiveReference:
     """Reference log-probs computed by a model on each call, without gradients, in eval mode.
 
     ``disable_adapter`` runs a PEFT policy with its adapter switched off: the base weights are the
-    reference, at no extra memory. ``layout`` is the batch layout of its forward (``prefopt.layouts``).
+    reference, at no extra memory. ``layout`` is the batch layout of its forward (``prefopt.forward.layouts``).
     """
 
     def __init__(self, model: nn.Module, *, disable_adapter: bool = False, chunk_size: int = 1024, autocast=None,

@@ -7,7 +7,7 @@ models listed in ``reference.extra``. The primary reference is one of
   model at ``reference.path``) into the content-addressed on-disk cache; the default;
 - live: the same models run on every batch;
 - following: the policy's own weights, synced into the reference every ``reference.sync.every`` steps
-  (TR-DPO), kept by ``prefopt.following``; it cannot be cached because it changes.
+  (TR-DPO), kept by ``prefopt.reference.following``; it cannot be cached because it changes.
 
 Extra references are computed into the cache *before* the policy is loaded and freed right after, so a
 multi-reference run holds no more models in memory while it trains than a single-reference one.
@@ -21,13 +21,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .batching import PreferenceBatch
-from .data.types import TokenizedPairs
-from .errors import PrefoptError
-from .following import FollowingReference
-from .logprobs import SequenceLogps
-from .model import base_weights_fingerprint, is_peft, load_causal_lm, load_tokenizer, resolve_model_path
-from .reference import CachedReference, LiveReference, build_cache, cache_key, cache_path
+from prefopt.forward.batching import PreferenceBatch
+from prefopt.data.types import TokenizedPairs
+from prefopt.errors import PrefoptError
+from prefopt.reference.following import FollowingReference
+from prefopt.forward.logprobs import SequenceLogps
+from prefopt.models.loading import base_weights_fingerprint, is_peft, load_causal_lm, load_tokenizer, resolve_model_path
+from prefopt.reference.providers import CachedReference, LiveReference, build_cache, cache_key, cache_path
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@
 Each layout is exact: every response token is predicted from the same context at the same positions
 as in the padded layout, so its log-prob equals the padded one up to float summation order. This
 module only turns a batch into model inputs and says where each prediction lands in the model's
-outputs (``LayoutInputs.source``); ``prefopt.logprobs`` gathers them back into the padded layout's
+outputs (``LayoutInputs.source``); ``prefopt.forward.logprobs`` gathers them back into the padded layout's
 order, so every consumer (losses, reference cache, metrics) sees the same ``SequenceLogps``.
 
 How attention is confined, for the attention implementations of transformers 5:
@@ -40,8 +40,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .batching import PreferenceBatch
-from .data.types import TokenizedPair
+from prefopt.forward.batching import PreferenceBatch
+from prefopt.data.types import TokenizedPair
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The contracts plugins code against: losses, tasks, algorithms, samplers and judges."""

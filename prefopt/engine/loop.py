@@ -1,0 +1,161 @@
+"""The optimizer steps: which pairs each step takes, one step's forward and backward, and ``fit``.
+
+Batching and reduction: an optimizer step takes ``train.batch_size`` pairs (unpaired examples, for a
+loss that declares ``unpaired``), split over processes and then into micro-batches of
+``train.micro_batch_size``. Each micro-batch's per-pair losses are summed and divided by the step's
+pair count, so the gradient is the mean over the step whatever the accumulation or the number of
+processes. The order of pairs is a function of the seed and the epoch, so resuming at step N replays
+exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from prefopt.engine.distributed import accelerate_owns_state
+from prefopt.engine.evaluation import evaluate_pairs, evaluate_task
+from prefopt.engine.metrics import PairMetrics
+from prefopt.engine.outputs import save
+from prefopt.engine.records import format_metrics, record
+from prefopt.engine.run import Run
+from prefopt.engine.scoring import forward_pairs
+from prefopt.forward.batching import collate_pairs
+from prefopt.forward.layouts import row_length
+from prefopt.reference.setup import sync_due
+
+
+
+
+def step_pairs(run: Run, step: int) -> list[int]:
+    """The pairs of optimizer step ``step`` (all processes)."""
+    if run.pairs_of_step is not None:
+        return run.pairs_of_step(step)
+    return planned_pairs(run.recipe.seed, len(run.train_pairs), run.recipe.train.batch_size, step)
+
+
+def planned_pairs(seed: int, num_pairs: int, batch_size: int, step: int) -> list[int]:
+    """The pairs of optimizer step ``step``: a seeded permutation per epoch, cut in order into full batches."""
+    steps_per_epoch = num_pairs // batch_size
+    epoch, k = divmod(step, steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_pairs, generator=generator)
+    return order[k * batch_size : (k + 1) * batch_size].tolist()
+
+
+def process_micro_batches(run: Run, step: int) -> list[list[int]]:
+    """This process's micro-batches of step ``step``.
+
+    With ``train.group_by_length`` the step's pairs are sorted by length first, so each micro-batch holds
+    pairs of similar length and little padding; the sorted micro-batches are dealt to the processes in
+    turn, so every process gets as many and of similar lengths. Either way the step's set of pairs, and so
+    its update, is the same.
+    """
+    acc, t = run.accelerator, run.recipe.train
+    pairs = step_pairs(run, step)
+    if not t.group_by_length:
+        share = len(pairs) // acc.num_processes
+        mine = pairs[acc.process_index * share : (acc.process_index + 1) * share]
+        return [mine[i : i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
+    # A stable sort: ties keep the seeded order, so a resumed run forms the same micro-batches.
+    by_length = sorted(pairs, key=lambda j: row_length(run.train_pairs.pairs[j], t.layout))
+    micro_batches = [by_length[i : i + t.micro_batch_size] for i in range(0, len(by_length), t.micro_batch_size)]
+    return micro_batches[acc.process_index :: acc.num_processes]
+
+
+def learning_rate(run: Run, step: int) -> float:
+    t = run.recipe.train
+    if step < t.warmup_steps:
+        return t.learning_rate * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, run.total_steps - t.warmup_steps)
+    if t.lr_scheduler == "linear":
+        return t.learning_rate * max(0.0, 1.0 - progress)
+    if t.lr_scheduler == "cosine":
+        return t.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return t.learning_rate
+
+
+def train_step(run: Run, step: int) -> dict[str, float]:
+    """One optimizer step; returns the step's metrics averaged over all its pairs."""
+    acc, t = run.accelerator, run.recipe.train
+    micro_batches = process_micro_batches(run, step)
+    # Sum of per-pair losses over the global step, times the world size because DDP averages gradients.
+    scale = acc.num_processes / t.batch_size
+    lr = learning_rate(run, step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+
+    metrics, tokens, started = PairMetrics(), 0, time.perf_counter()
+    for i, indices in enumerate(micro_batches):
+        batch = collate_pairs([run.train_pairs.pairs[j] for j in indices], indices, run.tokenizer.pad_token_id)
+        batch = batch.to(acc.device)
+        last = i == len(micro_batches) - 1
+        # Gradients are all-reduced only on the last micro-batch of the step.
+        sync = contextlib.nullcontext() if last else acc.no_sync(run.policy)
+        with sync, acc.autocast():
+            logps, output = forward_pairs(run, batch, run.reference)
+            acc.backward(output.loss.sum() * scale)
+        metrics.add(logps, output)
+        tokens += int(batch.attention_mask.sum())
+
+    params = [p for p in run.policy.parameters() if p.requires_grad]
+    if t.max_grad_norm is not None or accelerate_owns_state(acc):
+        # FSDP and DeepSpeed know the norm of the whole gradient, not of this process's shard
+        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm is not None else math.inf)
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if sync_due(run.recipe, step + 1):
+        sync = run.recipe.reference.sync
+        run.reference.following.sync(1.0 if sync.mode == "hard" else sync.alpha)
+
+    elapsed = time.perf_counter() - started
+    metrics.totals["tokens"] = tokens  # summed over processes with the metrics, in the same collective call
+    values = metrics.reduced(acc)
+    values.update(
+        lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else math.nan, epoch=(step + 1) / run.steps_per_epoch,
+        tokens_per_s=metrics.total("tokens") / elapsed, pairs_per_s=t.batch_size / elapsed,
+    )
+    return values
+
+
+def fit(run: Run, *, show_progress: bool = True) -> None:
+    r = run.recipe
+    metrics_file = run.run_dir / "metrics.jsonl"
+    if run.start_step == 0 and r.eval.at_start:
+        baseline = {**evaluate_pairs(run), **evaluate_task(run)}
+        record(run, metrics_file, 0, baseline)
+        run.summary["eval_start"] = baseline
+        if baseline:  # nothing to evaluate (no held-out pairs, no task): no empty line
+            run.say(format_metrics("eval  step 0", baseline))
+
+    bar = tqdm(
+        total=run.total_steps, initial=run.start_step, desc="training", unit="step",
+        disable=not (show_progress and run.is_main), dynamic_ncols=True,
+    )
+    for step in range(run.start_step, run.total_steps):
+        if run.before_step is not None:
+            record(run, metrics_file, step, run.before_step(run, step), before_step=True)
+        values = train_step(run, step)
+        if run.after_step is not None:
+            run.after_step(run, step)
+        done = step + 1
+        if done % r.train.log_every == 0 or done == run.total_steps:
+            record(run, metrics_file, done, values)
+        bar.update(1)
+        # unpaired examples log no accuracy, and a step of one label no margin
+        shown = {"loss": ("loss", ".4f"), "acc": ("rewards/accuracies", ".2f"), "margin": ("rewards/margins", ".3f")}
+        bar.set_postfix({name: format(values[key], spec) for name, (key, spec) in shown.items() if key in values})
+        if r.train.eval_every and done % r.train.eval_every == 0 and done != run.total_steps:
+            evaluated = evaluate_pairs(run)
+            record(run, metrics_file, done, evaluated)
+            if evaluated:
+                run.say(format_metrics(f"eval  step {done}", evaluated))
+        if r.train.save_every and done % r.train.save_every == 0 and done != run.total_steps:
+            save(run, done)
+    bar.close()

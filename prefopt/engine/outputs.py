@@ -1,0 +1,93 @@
+"""What a run leaves behind: checkpoints while it trains, then the final model and ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefopt.engine import checkpoint as ckpt
+from prefopt.engine.distributed import accelerate_owns_state
+from prefopt.engine.evaluation import evaluate_pairs, evaluate_task
+from prefopt.engine.records import format_metrics, record
+from prefopt.engine.run import Run
+from prefopt.models.loading import is_peft
+
+log = logging.getLogger(__name__)
+
+
+def save(run: Run, step: int) -> None:
+    """A checkpoint. Under DDP every process holds the same weights and optimizer state, so the main process
+    writes them; the loss's running state is the main process's too (each process keeps its own). Under FSDP
+    and DeepSpeed every process writes its part through accelerate."""
+    tensors = {}
+    if run.reference is not None and run.reference.following is not None:
+        tensors["reference"] = run.reference.following.weights.state_dict()  # the followed weights
+    extra: dict[str, Any] = {}
+    if run.checkpoint_state is not None:
+        extra, algorithm_tensors = run.checkpoint_state()
+        tensors.update(algorithm_tensors)
+    state = ckpt.TrainerState(step=step, loss_state=run.loss.state_dict(), extra=extra, tensors=tensors)
+    keep = run.recipe.train.keep_checkpoints
+    if accelerate_owns_state(run.accelerator):
+        path = ckpt.save_accelerate_checkpoint(run.run_dir, run.accelerator, state, keep)
+        log.info("checkpoint %s", path)
+    elif run.is_main:
+        model = run.accelerator.unwrap_model(run.policy)
+        path = ckpt.save_checkpoint(run.run_dir, model, run.optimizer, state, keep)
+        log.info("checkpoint %s", path)
+    run.accelerator.wait_for_everyone()
+
+
+def finish(run: Run, *, end_training: bool = True) -> dict:
+    """Final evaluation, the model in Hugging Face format, and ``summary.json``. ``end_training=False`` keeps
+    the process group for another phase (an algorithm's next stage)."""
+    final = {**evaluate_pairs(run), **evaluate_task(run)}
+    record(run, run.run_dir / "metrics.jsonl", run.total_steps, final)
+    if final:
+        run.say(format_metrics(f"eval  step {run.total_steps}", final))
+    # A final checkpoint makes a finished run resumable into more steps and marks it complete.
+    save(run, run.total_steps)
+    if run.recipe.output.save_model:
+        model_dir = save_model(run)
+        run.say(f"model: {model_dir}")
+    run.summary.update(
+        processes=run.accelerator.num_processes,
+        steps=run.total_steps,
+        train_pairs=len(run.train_pairs),
+        eval_pairs=len(run.eval_pairs) if run.eval_pairs is not None else 0,
+        skipped_rows=run.train_pairs.skipped,
+        eval_end=final,
+    )
+    if run.is_main:
+        (run.run_dir / "summary.json").write_text(json.dumps(run.summary, indent=1))
+    if end_training:
+        run.accelerator.end_training()  # also ends the process group, so a distributed run exits cleanly
+    else:
+        for tracker in run.accelerator.trackers:
+            tracker.finish()
+    return run.summary
+
+
+def save_model(run: Run) -> Path:
+    """The model in Hugging Face format, written by the main process (every process calls this: under FSDP and
+    DeepSpeed gathering the weights is a collective call)."""
+    acc = run.accelerator
+    full = acc.get_state_dict(run.policy) if accelerate_owns_state(acc) else None
+    target = run.run_dir / "model"
+    if not run.is_main:
+        return target
+    model = acc.unwrap_model(run.policy)
+    tmp = run.run_dir / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if is_peft(model) and run.recipe.output.merge_lora:
+        # In place: training is over and the last checkpoint (adapter weights) is already on disk, so no
+        # second copy of the model is needed.
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full} if full is not None else {}))
+    run.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target

@@ -1,0 +1,1 @@
+"""From a batch to per-sequence log-probs: batch layouts, the chunked output head, pair assembly."""

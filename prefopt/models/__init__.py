@@ -1,0 +1,1 @@
+"""Models: loading (hub, local, embedded), LoRA, and weight extrapolation (ExPO)."""
