@@ -417,13 +417,13 @@ def run_prefopt(spec: dict, config: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     started = clock()
     import prefopt.engine as engine
-    import prefopt.reference.providers
+    import prefopt.reference.cache
     from prefopt.recipe import apply_override, parse_override
     from prefopt.registry.loading import default_plugins
     from prefopt.recipe import validate_tree
 
     # Time the reference cache build wherever the engine calls it from.
-    original = prefopt.reference.providers.build_cache
+    original = prefopt.reference.cache.build_cache
     cache_seconds = [0.0]
 
     def timed_build_cache(*args, **kwargs):

@@ -1,7 +1,8 @@
 """The ``prefopt`` command.
 
-    prefopt train RECIPE [dotted.key=value ...]     train (resumes from the run's newest checkpoint)
-    prefopt validate RECIPE [dotted.key=value ...]  report every recipe problem at once
+    prefopt train RECIPE [dotted.key=value ...]     train (resumes from the run's newest intact checkpoint)
+        [--resume-from CHECKPOINT] [--allow-changed KEY,...]
+    prefopt validate RECIPE [dotted.key=value ...]  report every recipe problem at once (also of a bench recipe)
     prefopt list                                     every registered plugin
     prefopt data RECIPE [dotted.key=value ...]      build (or find) the recipe's task data and print its paths
     prefopt extrapolate SFT ALIGNED --out DIR (--alpha A | --paper-alpha A)
@@ -9,7 +10,8 @@
     prefopt bench BENCH [--only ENTRY ...] [--report-only]
                                                      train and evaluate variants x seeds; leaderboard and plots
 
-A mistake the user can fix ends with one line on stderr and exit status 2, never a traceback.
+A mistake the user can fix ends with one line on stderr and exit status 2, never a traceback; training that
+stopped on a non-finite loss or gradient ends the same way with exit status 3.
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ def _parser() -> argparse.ArgumentParser:
 
     train = with_recipe("train", "Train a model from a recipe.")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
-    with_recipe("validate", "Check a recipe and report every problem at once.")
+    train.add_argument("--resume-from", metavar="CHECKPOINT",
+                       help="continue from this checkpoint folder (<run>/checkpoints/step-N) instead of the newest")
+    train.add_argument("--allow-changed", action="append", default=[], metavar="KEY,...",
+                       help="recipe keys (or sections) that may differ from the checkpoint's recipe when resuming, "
+                       "e.g. train.learning_rate; added to train.allow_changed")
+    with_recipe("validate", "Check a recipe (or a bench recipe: every entry x seed) and report every problem at once.")
     data = with_recipe("data", "Build the recipe's task data (if any) and print where it is.")
     data.add_argument("--no-progress", action="store_true")
     commands.add_parser("list", help="List registered plugins: kind, name, package, paper, summary.")
@@ -70,22 +77,47 @@ def _add_extrapolate(commands) -> None:
 
 
 def cmd_validate(args) -> int:
-    from prefopt.recipe import load_recipe
+    from pathlib import Path
 
+    from prefopt.recipe import load_recipe, read_yaml
+
+    if _is_bench_recipe(read_yaml(Path(args.recipe))):
+        return _validate_bench(args)
     load_recipe(args.recipe, args.overrides)
     print(f"{args.recipe}: ok")
     return 0
 
 
+def _is_bench_recipe(tree: dict) -> bool:
+    # A training recipe has neither key at its top level (its sections are the engine's and the plugins'),
+    # and a bench recipe needs both, so one of them is enough to read the file as a bench recipe.
+    return "entries" in tree or "base" in tree
+
+
+def _validate_bench(args) -> int:
+    """A bench recipe, checked as ``prefopt bench`` checks it before training: every entry x seed."""
+    from prefopt.bench.recipe import load_bench
+
+    if args.overrides:
+        raise PrefoptError(
+            f"{args.recipe} is a bench recipe, which takes no KEY=VALUE overrides; put them in its overrides: "
+            "list (every entry) or in an entry's overrides"
+        )
+    bench = load_bench(args.recipe)
+    entries, seeds = len(bench.spec.entries), len(bench.spec.seeds)
+    print(f"{args.recipe}: ok (bench recipe: {entries} entries x {seeds} seeds = {len(bench.runs)} runs)")
+    return 0
+
+
 def cmd_list(args) -> int:
+    from prefopt.registry.kinds import KINDS
     from prefopt.registry.loading import default_plugins
 
     plugins = default_plugins()
     rows = [("KIND", "NAME", "PACKAGE", "PAPER / SUMMARY")]
-    for registry in plugins.registries():
-        for info in registry.infos():
-            paper = getattr(info.cls, "paper", "") or "-"
-            rows.append((info.kind, info.name, info.provider, paper))
+    for kind in KINDS:
+        for info in plugins.registry(kind).infos():
+            rows.append((kind.name, info.name, info.provider, info.cls.paper or "-"))
             rows.append(("", "", "", info.cls.summary()))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
@@ -95,10 +127,15 @@ def cmd_list(args) -> int:
 
 def cmd_train(args) -> int:
     from prefopt.engine import run
-    from prefopt.recipe import load_recipe
+    from prefopt.recipe import derive_recipe, load_recipe
+    from prefopt.registry.loading import default_plugins
 
     recipe = load_recipe(args.recipe, args.overrides)
-    summary = run(recipe, show_progress=not args.no_progress)
+    allowed = [key.strip() for text in args.allow_changed for key in text.split(",") if key.strip()]
+    if allowed:
+        change = {"train.allow_changed": [*recipe.train.allow_changed, *allowed]}
+        recipe = derive_recipe(recipe, default_plugins(), change, args.recipe)
+    summary = run(recipe, show_progress=not args.no_progress, resume_from=args.resume_from)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # one report per run, not one per process
@@ -206,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         details = textwrap.indent(textwrap.dedent(rest), "  ") + "\n" if rest else ""
         sys.stderr.write(f"prefopt: error: {first}\n{details}")
         sys.stderr.flush()
-        return 2
+        return exc.exit_status  # 2, or 3 for training stopped on a non-finite loss or gradient
     except KeyboardInterrupt:
         print("prefopt: interrupted; rerun the same command to resume from the newest checkpoint", file=sys.stderr)
         return 130

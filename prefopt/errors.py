@@ -1,4 +1,5 @@
-"""User-facing errors. The CLI prints these as one line (no traceback) and exits with status 2."""
+"""User-facing errors. The CLI prints these as one line (no traceback) and exits with the error's
+``exit_status``: 2, or 3 for training that stopped on a non-finite loss or gradient."""
 
 from __future__ import annotations
 
@@ -8,6 +9,16 @@ from typing import Iterable
 
 class PrefoptError(Exception):
     """A mistake the user can fix: the message says what is wrong, where, and how to fix it."""
+
+    exit_status = 2
+
+
+class NonFiniteError(PrefoptError):
+    """Training produced a non-finite loss or gradient norm and stopped; the message names the step and the
+    newest checkpoint written from finite weights. A status of its own, so a scheduler can tell a diverged
+    run (retry with other settings) from a mistake in the recipe."""
+
+    exit_status = 3
 
 
 class RecipeError(PrefoptError):

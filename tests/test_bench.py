@@ -325,7 +325,8 @@ def test_only_names_entries(finished, capsys):
 
 
 def test_a_missing_local_model_stops_the_bench_before_anything_runs(tmp_path, tiny_model_dir, capsys):
-    from prefopt.bench.runner import _looks_local, check_local_models
+    from prefopt.bench.runner import check_local_models
+    from prefopt.data.load import looks_local
 
     missing = tmp_path / "runs" / "quickstart" / "model"
     path = write_bench(tmp_path, tiny_model_dir, tmp_path / "out", entries=[
@@ -339,8 +340,8 @@ def test_a_missing_local_model_stops_the_bench_before_anything_runs(tmp_path, ti
     assert not (tmp_path / "out").exists(), "nothing may run, not even the initial model's evaluation"
     bench = load_bench(path)
     check_local_models(bench, [run for run in bench.runs if run.entry == "dpo"])  # --only dpo may run
-    assert _looks_local("runs/quickstart/model") and _looks_local("./model") and _looks_local("/abs/dir")
-    assert not _looks_local("HuggingFaceTB/SmolLM2-360M-Instruct") and not _looks_local("smollm2-135m-instruct")
+    assert looks_local("runs/quickstart/model") and looks_local("./model") and looks_local("/abs/dir")
+    assert not looks_local("HuggingFaceTB/SmolLM2-360M-Instruct") and not looks_local("smollm2-135m-instruct")
 
 
 def write_metrics(path: Path, lines: list[dict]) -> None:

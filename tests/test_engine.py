@@ -162,3 +162,30 @@ def test_bf16_autocast_trains_and_logs_to_tensorboard(tiny_model_dir, pairs_file
     losses = _train_losses(tmp_path / "run")
     assert len(losses) == 2 and all(0 < v < 5 for v in losses.values())
     assert list((tmp_path / "run").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+def test_a_phase_is_closed_however_the_run_ends_and_keeps_off_the_engines_file_names(
+    tiny_model_dir, pairs_file, tmp_path
+):
+    from prefopt import Phase
+    from prefopt.errors import PrefoptError
+
+    class Recording(Phase):
+        closed = False
+
+        def checkpoint_state(self):
+            return {}, {"rng": {}}  # would overwrite the checkpoint's random-generator states
+
+        def close(self):
+            self.closed = True
+
+    phase = Recording()
+    too_big = tiny_recipe(tiny_model_dir, pairs_file, tmp_path / "big", train={"batch_size": 16})  # 12 pairs
+    with pytest.raises(PrefoptError, match="fewer than train.batch_size"):
+        engine.train(validated(too_big), phase=phase, show_progress=False)
+    assert phase.closed
+    phase = Recording()
+    one_step = tiny_recipe(tiny_model_dir, pairs_file, tmp_path / "one", train={"max_steps": 1})
+    with pytest.raises(ValueError, match=r"checkpoint_state names tensor sets \['rng'\]"):
+        engine.train(validated(one_step), phase=phase, show_progress=False)
+    assert phase.closed

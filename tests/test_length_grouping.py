@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import tiny_recipe, validated
-from prefopt import engine
+from prefopt import Phase, engine
 from prefopt.forward.batching import collate_pairs
 from prefopt.data.types import TokenizedPair, TokenizedPairs
 
@@ -28,7 +28,7 @@ def _run(pairs: TokenizedPairs, *, group: bool, processes: int, rank: int, layou
     train = SimpleNamespace(batch_size=16, micro_batch_size=2, group_by_length=group, layout=layout)
     return SimpleNamespace(
         recipe=SimpleNamespace(seed=0, train=train), train_pairs=pairs, steps_per_epoch=len(pairs) // 16,
-        pairs_of_step=None,
+        phase=Phase(),
         accelerator=SimpleNamespace(num_processes=processes, process_index=rank),
     )
 

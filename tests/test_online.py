@@ -62,22 +62,23 @@ def test_steps_cycle_through_a_round_pairs(tiny_model_dir, pairs_file, tmp_path)
     out = tmp_path / "cycle"
     tree = online_tree(tiny_model_dir, pairs_file, out,
                        {"name": "online_dpo", "rounds": 1, "prompts_per_round": 6, "steps_per_round": 3})
-    run = engine.setup(validated({**tree, "algorithm": None, "reference": {"kind": "live"}}), show_progress=False)
-    from prefopt_plugins.algorithms.online import OnlineDPO, _RoundDriver
-
-    algorithm = OnlineDPO(OnlineDPO.Config.model_validate({k: v for k, v in tree["algorithm"].items() if k != "name"}))
+    from prefopt_plugins.algorithms.online import OnlineDPO, RoundsPhase
     from prefopt.registry.loading import default_plugins
 
-    driver = _RoundDriver(algorithm, validated(tree), default_plugins(), run, None)
-    driver.before_step(run, 0)
+    algorithm = OnlineDPO(OnlineDPO.Config.model_validate({k: v for k, v in tree["algorithm"].items() if k != "name"}))
+    phase = RoundsPhase(algorithm, default_plugins())
+    run = engine.setup(validated({**tree, "algorithm": None, "reference": {"kind": "live"}}), phase=phase,
+                       show_progress=False)
+    assert run.total_steps == 3  # the phase's plan: 1 round of 3 steps
+    phase.before_step(run.context, 0)
     n = len(run.train_pairs)
-    plan = [driver.pairs_of_step(s) for s in range(3)]
+    plan = [phase.pairs_of_step(s) for s in range(3)]
     flat = [i for step in plan for i in step]
     assert all(len(step) == 4 for step in plan)
     # the first n picks are a permutation of the round's pairs; the rest start a new one
     assert sorted(flat[:n]) == list(range(n))
-    assert plan == [driver.pairs_of_step(s) for s in range(3)]
-    driver.close()
+    assert plan == [phase.pairs_of_step(s) for s in range(3)]
+    phase.close()
 
 
 def test_resume_after_sigkill_mid_round_repeats_the_same_round(tiny_model_dir, pairs_file, tmp_path, monkeypatch):

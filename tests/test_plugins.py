@@ -211,6 +211,109 @@ def test_registering_something_other_than_a_loss_class_is_an_error(write_plugin,
     assert "wrong_kind_plugin" in str(err.value)
 
 
+CONTRACT_PLUGIN = """
+from pydantic import BaseModel
+from prefopt import LossConfig, LossOutput, PreferenceLoss, TaskConfig, hookimpl
+
+class Broken(PreferenceLoss):
+    '''A loss that breaks the plugin contract one way.'''
+    name, paper = "broken", "arXiv:0000.00000"
+    {body}
+
+    def __call__(self, lp):
+        return LossOutput(lp.policy_chosen, lp.policy_chosen.detach(), lp.policy_chosen.detach())
+
+@hookimpl
+def prefopt_register_losses():
+    return [Broken]
+"""
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ("", "loss 'broken' (Broken) has no Config; set Config to a subclass of prefopt.api.loss.LossConfig"),
+        ("Config = dict", "loss 'broken' (Broken) has Config = <class 'dict'>; set Config to a subclass of "
+                          "prefopt.api.loss.LossConfig"),
+        ("class Config(BaseModel):\n        beta: float = 0.1",
+         "loss 'broken' (Broken) has Config = <class 'contract_plugin.Broken.Config'>; set Config to a subclass "
+         "of prefopt.api.loss.LossConfig"),
+        ("Config = TaskConfig", "has Config = <class 'prefopt.api.task.TaskConfig'>; set Config to a subclass of "
+                                "prefopt.api.loss.LossConfig"),
+        ("Config, name = LossConfig, 'my loss'", "Broken.name 'my loss' is not an identifier"),
+        ("Config, name = LossConfig, '2dpo'", "Broken.name '2dpo' is not an identifier"),
+        ("Config, name = LossConfig, None", "Broken has no string 'name'"),
+    ],
+    ids=["no-config", "config-not-a-class", "plain-pydantic-model", "another-kinds-config", "name-with-space",
+         "name-starting-with-a-digit", "no-name"],
+)
+def test_a_class_breaking_the_plugin_contract_is_refused_at_load_naming_the_plugin(
+        write_plugin, monkeypatch, body, expected):
+    """A loss without a Config (or with one that is no LossConfig) would break the schema of every recipe, and a
+    name that is not an identifier cannot be written in one: loading refuses both, naming the plugin module."""
+    write_plugin("contract_plugin", CONTRACT_PLUGIN.format(body=body))
+    monkeypatch.setenv(EXTRA_PLUGINS_ENV, "contract_plugin")
+
+    with pytest.raises(PrefoptError) as err:
+        load_plugins(autoload=False)
+    message = str(err.value)
+    assert message.startswith("plugin 'contract_plugin' (module contract_plugin)"), message
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_a_class_keeping_the_contract_is_registered():
+    """The checks refuse only what breaks the contract: a loss whose Config is LossConfig itself (no options)
+    registers."""
+    from prefopt import LossConfig, LossOutput
+    from prefopt.registry.loading import Registry
+
+    class Fine(PreferenceLoss):
+        """A loss that keeps the contract."""
+
+        name, Config, paper = "fine_2", LossConfig, "arXiv:0000.00000"
+
+        def __call__(self, lp):
+            return LossOutput(lp.policy_chosen, lp.policy_chosen, lp.policy_chosen)
+
+    registry = Registry("loss", PreferenceLoss, LossConfig)
+    registry.add(Fine, "test", "test")
+    assert registry.get("fine_2") is Fine
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One table of plugin kinds
+
+
+def test_the_table_of_kinds_matches_the_hookspecs_and_the_registries(installed):
+    """Every hookspec registers one kind of KINDS, and Plugins has exactly one registry per kind, in its order;
+    every kind's base is a Plugin, its config base a PluginConfig that forbids unknown keys and is frozen."""
+    import dataclasses
+
+    from prefopt.api.plugin import Plugin, PluginConfig
+    from prefopt.registry.kinds import KINDS
+
+    assert {kind.hook for kind in KINDS} == set(hookspecs())
+    fields = [f.name for f in dataclasses.fields(installed) if f.name != "manager"]
+    assert fields == [kind.attribute for kind in KINDS]
+    for kind, registry in zip(KINDS, installed.registries()):
+        assert registry.kind == kind.name and registry.base is kind.base and registry.config_base is kind.config_base
+        assert issubclass(kind.base, Plugin) and issubclass(kind.config_base, PluginConfig)
+        assert kind.config_base.model_config.get("extra") == "forbid" and kind.config_base.model_config.get("frozen")
+        for info in registry.infos():
+            assert issubclass(info.cls, kind.base) and issubclass(info.cls.Config, kind.config_base)
+    assert [k.recipe_key for k in KINDS if k.in_schema] == ["loss", "data.task", "algorithm"]
+
+
+def test_prefopt_list_shows_every_kind_in_the_tables_order(capsys, installed):
+    from prefopt.cli import main
+    from prefopt.registry.kinds import KINDS
+
+    assert main(["list"]) == 0
+    kinds = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if not line.startswith(" ")]
+    assert kinds == [kind.name for kind in KINDS for _ in installed.registry(kind).names()]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # What every registered loss must carry
 
@@ -294,3 +397,86 @@ def test_every_hookspec_is_named_in_the_readme():
     text = readme.read_text(encoding="utf-8")
     missing = [name for name in hookspecs() if name not in text]
     assert not missing, f"hooks not mentioned in README.md: {missing}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plugins code against the public core only, and never against each other
+
+
+def plugin_module(path: Path) -> str:
+    """The dotted name a file under plugins/ is imported as: plugins/losses/dpo.py -> prefopt_plugins.losses.dpo."""
+    parts = path.relative_to(REPO / "plugins").with_suffix("").parts
+    return ".".join(("prefopt_plugins", *(parts[:-1] if parts[-1] == "__init__" else parts)))
+
+
+def imports_of(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, absolute module, imported names) of every import in ``path``, relative ones resolved, function-level
+    ones included; ``from package import module`` counts as importing ``package.module``."""
+    import ast
+
+    package = plugin_module(path) if path.name == "__init__.py" else plugin_module(path).rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                module = ".".join([*base, *([module] if module else [])])
+            names = []
+            for alias in node.names:
+                submodule = f"{module}.{alias.name}"
+                as_file = REPO / "plugins" / Path(*submodule.split(".")[1:])
+                if module.startswith("prefopt_plugins") and as_file.with_suffix(".py").is_file():
+                    found.append((node.lineno, submodule, []))
+                else:
+                    names.append(alias.name)
+            if names:
+                found.append((node.lineno, module, names))
+    return found
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))  # __version__ is public
+
+
+def test_plugins_import_only_public_core_names_and_no_other_plugin():
+    """A plugin imports no ``prefopt`` name or module starting with ``_``, and no other plugin's module: plugins
+    share code through public core helpers (``prefopt.__all__``), so each one can be moved, replaced or dropped
+    alone. A plugin's own modules may import each other: the submodules of a package plugin (the sentiment
+    task), and a helper module that is no plugin (no entry point) and that only one plugin imports (sapo_parts
+    of sapo)."""
+    files = {plugin_module(path): path for path in sorted((REPO / "plugins").rglob("*.py"))}
+    entry_points = {ep.value.split(":")[0] for ep in importlib.metadata.entry_points(group="prefopt")
+                    if ep.dist is not None and ep.dist.name == "prefopt"}
+    assert "prefopt_plugins.losses.dpo" in entry_points
+
+    def plugin_of(module: str) -> str | None:
+        """The entry point ``module`` is, or is a submodule of; None for a helper module."""
+        return max((ep for ep in entry_points if module == ep or module.startswith(ep + ".")), key=len, default=None)
+
+    helper_users: dict[str, set[str | None]] = {}  # helper module -> the plugins of the files that import it
+    for module, path in files.items():
+        for _, imported, _ in imports_of(path):
+            if imported.startswith("prefopt_plugins.") and plugin_of(imported) is None:
+                helper_users.setdefault(imported, set()).add(plugin_of(module))
+
+    def owner(module: str) -> str | None:
+        users = helper_users.get(module, set())
+        return plugin_of(module) or (next(iter(users)) if len(users) == 1 else None)
+
+    def same_plugin(imported: str, module: str) -> bool:
+        return owner(imported) is not None and owner(imported) == owner(module)
+
+    problems = []
+    for module, path in files.items():
+        where = path.relative_to(REPO)
+        for line, imported, names in imports_of(path):
+            if imported == "prefopt" or imported.startswith("prefopt."):
+                private = [part for part in [*imported.split("."), *names] if is_private(part)]
+                if private:
+                    problems.append(f"{where}:{line}: imports private {', '.join(private)} from {imported}")
+            elif imported.startswith("prefopt_plugins.") and not same_plugin(imported, module):
+                problems.append(f"{where}:{line}: imports another plugin's module {imported}")
+    assert not problems, "plugins must use public core helpers instead:\n" + "\n".join(problems)

@@ -1,5 +1,6 @@
-"""Reference providers: a reference that follows the policy (TR-DPO syncs, under LoRA too), several
-references at once from the cache (MRPO), their errors, and exact resume after SIGKILL."""
+"""Reference providers: the content-addressed cache (its key, find-or-build-then-open), a reference that
+follows the policy (TR-DPO syncs, under LoRA too), several references at once from the cache (MRPO), their
+errors, and exact resume after SIGKILL."""
 
 from __future__ import annotations
 
@@ -8,8 +9,37 @@ import torch
 
 from helpers import kill_after, tiny_recipe, train_losses, validated
 from prefopt import engine
+from prefopt.data.types import TokenizedPair, TokenizedPairs
 from prefopt.errors import PrefoptError
+from prefopt.forward.batching import collate_pairs
+from prefopt.reference.cache import cache_key, cache_path, cached_reference
 from prefopt.reference.following import FollowingReference, FollowingWeights
+from prefopt.reference.providers import LiveReference
+
+
+def test_cache_key_is_unchanged_so_existing_caches_are_reused():
+    """The key of a fixed input, as computed before the cache code moved: a change would orphan every cache."""
+    pairs = TokenizedPairs(source="s", pairs=[], fingerprint="f" * 64)
+    assert cache_key("a" * 64, pairs, "bfloat16/no") == (
+        "ad4bf2c7b216f4b7ecc34dd4ecbd3b6c5d262e39d0a814aef6f4601c7663032b"
+    )
+
+
+def test_cached_reference_builds_once_then_opens_what_it_built(tiny_model):
+    pairs = TokenizedPairs(
+        source="test", fingerprint="cached-reference-test",
+        pairs=[TokenizedPair(i, (1, 5 + i), (7, 8, 2), (9, 2)) for i in range(3)],
+    )
+    live, said = LiveReference(tiny_model), []
+    options = dict(weights="w", dtype="float32/no", batch_size=2, pad_id=2, show_progress=False, say=said.append)
+    first, hit = cached_reference(live, pairs, **options, label="reference x")
+    assert not hit and first.path == cache_path(cache_key("w", pairs, "float32/no"))
+    assert said == [f"reference x: computing log-probs of 3 pairs once into {first.path}"]
+    passes = live.forward_passes
+    second, hit = cached_reference(live, pairs, **options)
+    assert hit and second.path == first.path and live.forward_passes == passes and len(said) == 1
+    batch = collate_pairs(pairs.pairs, [0, 1, 2], 2)
+    torch.testing.assert_close(second(batch).sums, live(batch).sums, rtol=1e-5, atol=1e-5)
 
 
 def _policy_params(run) -> dict[str, torch.Tensor]:

@@ -255,37 +255,38 @@ def completion(text: str, tokens: int):
 
 
 def test_length_bias_breaks_a_tie_toward_the_longer_completion():
-    from prefopt_plugins.tasks.sentiment import Prompt, _preference_rows
+    from prefopt_plugins.tasks.sentiment import Prompt
+    from prefopt_plugins.tasks.sentiment.pairs import best_worst_rows
 
     prompt = Prompt(1, "The movie")
     short, long = completion(" is a film.", 4), completion(" is a film about a town and its people.", 10)
     assert vader_reward([short.text, long.text]) == [0.0, 0.0]
-    assert _preference_rows([prompt], [[short, long]]) == ([], 1)  # plain VADER: a tie, skipped
-    (row,), ties = _preference_rows([prompt], [[short, long]], length_bias=0.01)
+    assert best_worst_rows([prompt], [[short, long]]) == ([], 1)  # plain VADER: a tie, skipped
+    (row,), ties = best_worst_rows([prompt], [[short, long]], length_bias=0.01)
     assert ties == 0 and (row["chosen"], row["rejected"]) == (long.text, short.text)
     assert (row["chosen_reward"], row["chosen_tokens"], row["rejected_tokens"]) == (0.0, 10, 4)  # rewards stay VADER
-    (row,), _ = _preference_rows([prompt], [[short, long]], length_bias=-0.01)
+    (row,), _ = best_worst_rows([prompt], [[short, long]], length_bias=-0.01)
     assert row["chosen"] == short.text
     # A bias large enough outweighs sentiment: 0.2 of VADER lost to 12 more tokens at 0.05 per token.
     good, wordy = completion(" is fine.", 3), completion(" is a film about a town, its people and its one road.", 15)
     assert vader_reward([good.text])[0] - vader_reward([wordy.text])[0] < 0.6
-    assert _preference_rows([prompt], [[good, wordy]])[0][0]["chosen"] == good.text
-    assert _preference_rows([prompt], [[good, wordy]], length_bias=0.05)[0][0]["chosen"] == wordy.text
+    assert best_worst_rows([prompt], [[good, wordy]])[0][0]["chosen"] == good.text
+    assert best_worst_rows([prompt], [[good, wordy]], length_bias=0.05)[0][0]["chosen"] == wordy.text
 
 
 def test_random_cut_keeps_a_prefix_of_whole_words(tokenizer):
     import random
 
-    from prefopt_plugins.tasks.sentiment import _cut
+    from prefopt_plugins.tasks.sentiment.pairs import cut_completion
 
     full = completion(" a warm and funny film, with a great cast", 10)
-    cuts = [_cut(full, random.Random(i), tokenizer) for i in range(20)]
+    cuts = [cut_completion(full, random.Random(i), tokenizer) for i in range(20)]
     assert len({c.text for c in cuts}) > 3
     for cut in cuts:
         words = cut.text.split()
         assert 1 <= len(words) and full.text.startswith(cut.text) and words == full.text.split()[: len(words)]
         assert cut.num_tokens == len(tokenizer(cut.text, add_special_tokens=False).input_ids)
-    assert _cut(full, random.Random(3), tokenizer) == _cut(full, random.Random(3), tokenizer)
+    assert cut_completion(full, random.Random(3), tokenizer) == cut_completion(full, random.Random(3), tokenizer)
 
 
 def test_labeling_options_are_the_datas_identity_only_off_their_defaults(tmp_path, tiny_model_dir, tokenizer):

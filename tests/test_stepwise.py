@@ -123,5 +123,8 @@ def test_recipe_errors(tiny_model_dir, pairs_file, tmp_path, algorithm, sections
 def test_engine_train_refuses_a_recipe_with_an_algorithm(tiny_model_dir, pairs_file, tmp_path):
     from prefopt.errors import PrefoptError
 
-    with pytest.raises(PrefoptError, match="use prefopt.engine.run"):
+    with pytest.raises(PrefoptError, match="use prefopt.engine.run") as caught:
         engine.train(validated(_stepwise(tiny_model_dir, pairs_file, tmp_path / "run")), show_progress=False)
+    # and an algorithm's own runs are told how to derive a recipe without the section, not to call run again
+    assert "prefopt.derive_recipe(recipe, plugins, {'algorithm': None}, source)" in str(caught.value)
+    assert "\n" not in str(caught.value)

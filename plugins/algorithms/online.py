@@ -36,21 +36,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 from pydantic import Field
 
-from prefopt import Algorithm, AlgorithmConfig, hookimpl
-from prefopt.api.algorithm import PluginSpec, plugin_config
+from prefopt import (
+    Algorithm, AlgorithmConfig, Phase, PhaseContext, PluginSpec, derive_recipe, hookimpl, plugin_config,
+)
+from prefopt.api.algorithm import check_on_policy_recipe, check_on_policy_run
 from prefopt.data.types import TokenizedPair, TokenizedPairs
 from prefopt.errors import PrefoptError
 from prefopt.api.judge import JudgeContext
 from prefopt.api.sampler import SamplerContext
+
+from .round_files import read_round, write_round
 
 ROUNDS_DIR = "rounds"
 
@@ -113,18 +116,13 @@ class OnlineRounds(Algorithm):
     # the run
 
     def run(self, recipe, plugins, *, show_progress: bool = True) -> dict:
+        from prefopt import engine
+
         self.check(recipe, plugins)
-        source: dict[str, Any] = {}
-
-        def keep_rows(pairs, rows):
-            source.update(rows=rows)
-            return pairs
-
-        run = setup_on_policy(self.name, recipe, plugins, show_progress=show_progress, select_train=keep_rows,
-                              reference_follows_policy=self.config.reference == "previous", plans_own_steps=True,
-                              pairs_from_prompts=self.pairs_from_prompts)
-        driver = _RoundDriver(self, recipe, plugins, run, source["rows"])
-        return train_with_driver(self.name, run, driver, show_progress=show_progress)
+        # a fixed reference must score new completions, so it is live, never a cache
+        derived = derive_recipe(recipe, plugins, {"algorithm": None, "reference.kind": "live"},
+                                f"{recipe.output.dir} ({self.name})")
+        return engine.train(derived, plugins, phase=RoundsPhase(self, plugins), show_progress=show_progress)
 
 
 class OnlineDPO(OnlineRounds):
@@ -173,100 +171,61 @@ class IterativeLengthRegularizedDPO(IterativeDPO):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# what every on-policy algorithm (these and SAPO) checks and sets up alike
-
-
-def check_on_policy_recipe(name: str, recipe) -> None:
-    """Refuse reference settings an algorithm that makes its own pairs cannot honour."""
-    if recipe.reference.sync is not None or recipe.reference.extra:
-        raise PrefoptError(f"algorithm {name} sets the reference itself; remove reference.sync and reference.extra")
-    if recipe.reference.kind == "cache":
-        raise PrefoptError(f"algorithm {name} trains on new completions as it goes, which a reference cache cannot "
-                           "hold; set reference.kind to auto or live")
-
-
-def train_with_driver(name: str, run, driver, *, show_progress: bool) -> dict:
-    """Train ``run`` with ``driver`` feeding it from the step hooks; the driver's sampler is freed whatever
-    happens."""
-    from prefopt import engine
-
-    run.summary["algorithm"] = name
-    try:
-        engine.fit(run, show_progress=show_progress)
-        return engine.finish(run)
-    finally:
-        driver.close()
-
-
-def setup_on_policy(name: str, recipe, plugins, *, show_progress: bool, **setup_options):
-    """``engine.setup`` for an algorithm that makes its own pairs: the recipe without its algorithm section and
-    with a live reference (a fixed reference must score new completions, so never a cache); refuses losses
-    and launch configurations it cannot train."""
-    from prefopt import engine
-    from prefopt.recipe import validate_tree
-
-    tree = recipe.model_dump(mode="json")
-    tree["algorithm"] = None
-    tree["reference"]["kind"] = "live"
-    derived = validate_tree(tree, plugins, f"{recipe.output.dir} ({name})")
-    run = engine.setup(derived, plugins, show_progress=show_progress, **setup_options)
-    if run.loss.unpaired or run.loss.multi_reference:
-        raise PrefoptError(f"algorithm {name} trains paired, single-reference losses; loss {run.loss.name!r} is not one")
-    if engine.sharded_params(run.accelerator):
-        raise PrefoptError(f"algorithm {name} samples from the whole model on one process, which FSDP or ZeRO-3 do "
-                           "not hold; train with DDP or on one process")
-    return run
-
-
-# ----------------------------------------------------------------------------------------------------------
 # the rounds, driven from the engine's step hooks
 
 
-class _RoundDriver:
-    """Feeds a run round by round: samples, judges and writes each round, and points the run at its pairs."""
+class RoundsPhase(Phase):
+    """One engine run fed round by round: samples, judges and writes each round, and trains on its pairs."""
 
-    def __init__(self, algorithm: OnlineRounds, recipe, plugins, run, rows) -> None:
-        self.config, self.recipe, self.plugins, self.run = algorithm.config, recipe, plugins, run
-        self.name = algorithm.name
-        self.rows_dir = Path(recipe.output.dir) / ROUNDS_DIR
+    def __init__(self, algorithm: OnlineRounds, plugins) -> None:
+        super().__init__(reference_follows_policy=algorithm.config.reference == "previous", plans_own_steps=True,
+                         pairs_from_prompts=algorithm.pairs_from_prompts)
+        self.config, self.name, self.plugins = algorithm.config, algorithm.name, plugins
+        self.all_prompts_by_default = algorithm.all_prompts_by_default
         self.sampler = self.judge = None
         self.loaded_round = 0
-        self.prompts = self._prompts(run.train_pairs, rows, recipe.data.columns.prompt)
-        t = recipe.train
-        n = len(self.prompts)
-        cfg = self.config
-        default = n if algorithm.all_prompts_by_default else t.batch_size * (cfg.steps_per_round or 1)
-        self.prompts_per_round = cfg.prompts_per_round or min(n, default)
-        if self.prompts_per_round > n:
-            raise PrefoptError(f"algorithm.prompts_per_round ({self.prompts_per_round}) exceeds the {n} distinct "
-                               f"prompts of {run.train_pairs.source}")
-        self.steps_per_round = cfg.steps_per_round or t.epochs * max(1, self.prompts_per_round // t.batch_size)
-        total = cfg.rounds * self.steps_per_round
-        run.total_steps = min(total, t.max_steps) if t.max_steps is not None else total
-        run.steps_per_epoch = self.steps_per_round  # the logged "epoch" counts rounds
-        run.before_step, run.pairs_of_step = self.before_step, self.pairs_of_step
-        resuming = f", resuming after step {run.start_step}" if run.start_step else ""
-        run.say(f"{self.name}: {cfg.rounds} rounds of {self.prompts_per_round} prompts x {cfg.samples_per_prompt} "
-                f"samples, {self.steps_per_round} steps each ({run.total_steps} steps{resuming})")
 
     # --- the engine's hooks
 
-    def before_step(self, run, step: int) -> dict[str, float]:
+    def start(self, ctx: PhaseContext) -> None:
+        check_on_policy_run(self.name, ctx)
+        ctx.summary["algorithm"] = self.name
+        self.ctx, self.recipe = ctx, ctx.recipe
+        self.rows_dir = Path(ctx.recipe.output.dir) / ROUNDS_DIR
+        self.prompts = self._prompts(ctx.train_pairs, ctx.train_rows, ctx.recipe.data.columns.prompt)
+        t, cfg, n = ctx.recipe.train, self.config, len(self.prompts)
+        default = n if self.all_prompts_by_default else t.batch_size * (cfg.steps_per_round or 1)
+        self.prompts_per_round = cfg.prompts_per_round or min(n, default)
+        if self.prompts_per_round > n:
+            raise PrefoptError(f"algorithm.prompts_per_round ({self.prompts_per_round}) exceeds the {n} distinct "
+                               f"prompts of {ctx.train_pairs.source}")
+        self.steps_per_round = cfg.steps_per_round or t.epochs * max(1, self.prompts_per_round // t.batch_size)
+        planned = cfg.rounds * self.steps_per_round
+        self.planned_steps = min(planned, t.max_steps) if t.max_steps is not None else planned
+        resuming = f", resuming after step {ctx.start_step}" if ctx.start_step else ""
+        ctx.say(f"{self.name}: {cfg.rounds} rounds of {self.prompts_per_round} prompts x {cfg.samples_per_prompt} "
+                f"samples, {self.steps_per_round} steps each ({self.planned_steps} steps{resuming})")
+
+    def total_steps(self, ctx: PhaseContext) -> int:
+        return self.planned_steps
+
+    def steps_per_epoch(self, ctx: PhaseContext) -> int:
+        return self.steps_per_round  # the logged "epoch" counts rounds
+
+    def before_step(self, ctx: PhaseContext, step: int) -> dict[str, float]:
         index, offset = divmod(step, self.steps_per_round)
         index += 1  # rounds count from 1
         metrics: dict[str, float] = {}
         if index != self.loaded_round:
             if offset == 0 and index > 1 and self.config.eval_every_rounds and \
                     (index - 1) % self.config.eval_every_rounds == 0:
-                from prefopt.engine import evaluate_task
-
-                metrics.update(evaluate_task(run))
+                metrics.update(ctx.evaluate_task())
             measured = self._load_round(index)
             if offset == 0:  # a run resumed mid-round logged this round's line before it stopped
                 metrics.update(measured)
-                run.say(_round_line(index, self.config.rounds, metrics))
-        if offset == 0 and index > 1 and run.reference is not None and run.reference.following is not None:
-            run.reference.following.sync(1.0)  # the reference becomes the policy this round starts from
+                ctx.say(_round_line(index, self.config.rounds, metrics))
+        if offset == 0 and index > 1 and ctx.follows_policy:
+            ctx.sync_reference(1.0)  # the reference becomes the policy this round starts from
         return metrics
 
     def pairs_of_step(self, step: int) -> list[int]:
@@ -274,7 +233,7 @@ class _RoundDriver:
         need more pairs than it has."""
         index, offset = divmod(step, self.steps_per_round)
         seed = (self.recipe.seed * 1_000_003 + index) * 1_009
-        return _cycled_slice(len(self.run.train_pairs), self.recipe.train.batch_size, offset, seed)
+        return _cycled_slice(len(self.ctx.train_pairs), self.recipe.train.batch_size, offset, seed)
 
     def close(self) -> None:
         for part in (self.sampler, self.judge):
@@ -289,16 +248,16 @@ class _RoundDriver:
         (by the main process, broadcast to the others)."""
         from accelerate.utils import broadcast_object_list
 
-        run = self.run
+        ctx = self.ctx
         path = self.rows_dir / f"round-{index:05d}.jsonl"
         timings: dict[str, float] = {}
         payload = [None]
-        if run.is_main:
+        if ctx.is_main:
             if not path.exists():
                 records, timings = self._sample_round(index)
-                _write_jsonl_atomically(path, records)
-            payload = [path.read_text()]
-        if run.accelerator.num_processes > 1:
+                write_round(path, records)
+            payload = [read_round(path, index, (index - 1) * self.steps_per_round)]
+        if ctx.num_processes > 1:
             broadcast_object_list(payload, from_process=0)
         records = [json.loads(line) for line in payload[0].splitlines() if line]
         pairs = [
@@ -312,19 +271,19 @@ class _RoundDriver:
                 f"round {index}: the judge tied every prompt's {self.config.samples_per_prompt} completions ({path}); "
                 "raise algorithm.samples_per_prompt or the sampler's temperature, or lower algorithm.judge.min_margin"
             )
-        run.train_pairs = TokenizedPairs(
+        ctx.replace_train_pairs(TokenizedPairs(
             source=f"{self.name} round {index}", pairs=pairs,
             fingerprint=hashlib.sha256(payload[0].encode()).hexdigest(),
-        )
+        ))
         self.loaded_round = index
         return {**_round_metrics(index, records), **timings}
 
     def _sample_round(self, index: int) -> tuple[list[dict], dict[str, float]]:
-        run, cfg = self.run, self.config
+        cfg = self.config
         self._build_parts()
         picked = self._round_prompts(index)
         started = time.perf_counter()
-        self.sampler.load_weights(run.accelerator.unwrap_model(run.policy))
+        self.sampler.load_weights(self.ctx.model)
         synced = time.perf_counter()
         samples = self.sampler.sample([self.prompts[i]["ids"] for i in picked], cfg.samples_per_prompt,
                                       seed=self.recipe.seed * 1_000_003 + index)
@@ -355,15 +314,15 @@ class _RoundDriver:
     def _build_parts(self) -> None:
         if self.sampler is not None:
             return
-        run, m = self.run, self.recipe.model
+        ctx, m = self.ctx, self.recipe.model
         from prefopt.models.loading import resolve_model_path
 
         sampler_cls, sampler_config = plugin_config(self.plugins.samplers, self.config.sampler,
                                                                  "algorithm.sampler")
         judge_cls, judge_config = plugin_config(self.plugins.judges, self.config.judge, "algorithm.judge")
-        device = str(run.accelerator.device)
+        device = str(ctx.device)
         self.sampler = sampler_cls(sampler_config, SamplerContext(
-            model_path=resolve_model_path(m.path), tokenizer=run.tokenizer, dtype=m.dtype,
+            model_path=resolve_model_path(m.path), tokenizer=ctx.tokenizer, dtype=m.dtype,
             trust_remote_code=m.trust_remote_code, device=device, seed=self.recipe.seed,
         ))
         self.judge = judge_cls(judge_config, JudgeContext(device=device, seed=self.recipe.seed))
@@ -426,13 +385,6 @@ def _round_line(index: int, rounds: int, metrics: dict[str, float]) -> str:
     evaluated = ", ".join(f"{k.removeprefix('eval/')}={v:.4g}" for k, v in sorted(metrics.items())
                           if k.startswith("eval/"))
     return line + (f"; eval: {evaluated}" if evaluated else "")
-
-
-def _write_jsonl_atomically(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
 
 
 @hookimpl

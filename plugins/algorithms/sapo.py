@@ -8,15 +8,14 @@ from typing import Optional
 import torch
 from pydantic import Field
 
-from prefopt import Algorithm, AlgorithmConfig, hookimpl
-from prefopt.api.algorithm import PluginSpec, plugin_config
+from prefopt import (
+    Algorithm, AlgorithmConfig, Phase, PhaseContext, PluginSpec, derive_recipe, eos_token_ids, hookimpl, plugin_config,
+)
+from prefopt.api.algorithm import check_on_policy_recipe, check_on_policy_run
 from prefopt.data.types import TokenizedPair, TokenizedPairs
 from prefopt.errors import PrefoptError
 from prefopt.api.sampler import SamplerContext
 
-from prefopt_plugins.samplers.hf_generate import eos_token_ids
-
-from .online import check_on_policy_recipe, setup_on_policy, train_with_driver
 from .sapo_parts import (
     DEFAULT_EMA_DECAY,
     DEFAULT_MAX_SIZE,
@@ -78,45 +77,53 @@ class SAPO(Algorithm):
             plugin_config(plugins.samplers, self.config.sampler, "algorithm.sampler")
 
     def run(self, recipe, plugins, *, show_progress: bool = True) -> dict:
+        from prefopt import engine
+
         self.check(recipe, plugins)
-        refresh = self.config.reference_refresh_every is not None
-        run = setup_on_policy(self.name, recipe, plugins, show_progress=show_progress,
-                              reference_follows_policy=refresh)
-        driver = _SAPODriver(self.config, recipe, plugins, run)
-        return train_with_driver(self.name, run, driver, show_progress=show_progress)
+        # a fixed reference must score new completions, so it is live, never a cache
+        derived = derive_recipe(recipe, plugins, {"algorithm": None, "reference.kind": "live"},
+                                f"{recipe.output.dir} ({self.name})")
+        return engine.train(derived, plugins, phase=SAPOPhase(self.config, plugins), show_progress=show_progress)
 
 
-class _SAPODriver:
+class SAPOPhase(Phase):
     """The EMA model, the replay buffer and the augmentation, run from the engine's step hooks."""
 
-    def __init__(self, config: SAPOConfig, recipe, plugins, run) -> None:
-        from prefopt.engine import checkpoint as ckpt
+    def __init__(self, config: SAPOConfig, plugins) -> None:
+        super().__init__(reference_follows_policy=config.reference_refresh_every is not None)
+        self.config, self.plugins = config, plugins
+        self.sampler = None
+
+    def start(self, ctx: PhaseContext) -> None:
         from prefopt.reference.following import FollowingWeights
 
-        self.config, self.recipe, self.plugins, self.run = config, recipe, plugins, run
-        self.data = run.train_pairs  # the real (prompt, preferred response) pairs; rejected ones are not read
-        self.policy = run.accelerator.unwrap_model(run.policy)
+        check_on_policy_run(SAPO.name, ctx)
+        ctx.summary["algorithm"] = SAPO.name
+        config = self.config
+        self.ctx, self.recipe = ctx, ctx.recipe
+        self.data = ctx.train_pairs  # the real (prompt, preferred response) pairs; rejected ones are not read
+        self.policy = ctx.model
         self.ema = FollowingWeights(self.policy)
         self.buffer = ReplayBuffer(config.buffer_size)
-        self.sampler = None
-        if run.resumed_from is not None:
-            self.buffer.load_state_dict(run.resumed_extra["buffer"])
-            self.ema.load_state_dict(ckpt.load_tensors(run.resumed_from, "ema"))
-        run.before_step, run.checkpoint_state = self.before_step, self.checkpoint_state
-        run.pairs_of_step = lambda step: list(range(len(run.train_pairs)))
-        run.say(f"sapo: EMA decay {config.ema_decay}, segments of {config.segment_tokens} tokens, buffer of "
+        ctx.say(f"sapo: EMA decay {config.ema_decay}, segments of {config.segment_tokens} tokens, buffer of "
                 f"{config.buffer_size}, reference from the EMA every {config.reference_refresh_every} steps")
+
+    def restore(self, extra: dict, load_tensors) -> None:
+        self.buffer.load_state_dict(extra["buffer"])
+        self.ema.load_state_dict(load_tensors("ema"))
 
     def checkpoint_state(self):
         return {"buffer": self.buffer.state_dict()}, {"ema": self.ema.state_dict()}
 
-    def before_step(self, run, step: int) -> dict[str, float]:
+    def pairs_of_step(self, step: int) -> list[int]:
+        return list(range(len(self.ctx.train_pairs)))  # the batch ``before_step`` drew from the buffer, whole
+
+    def before_step(self, ctx: PhaseContext, step: int) -> dict[str, float]:
         cfg = self.config
         if step % cfg.ema_every == 0:
             self.ema.ema_update(self.policy, cfg.ema_decay)
-        following = run.reference.following if run.reference is not None else None
-        if following is not None and reference_refresh_due(step, cfg.reference_refresh_every):
-            following.weights.load_state_dict(self.ema.state_dict())
+        if ctx.follows_policy and reference_refresh_due(step, cfg.reference_refresh_every):
+            ctx.set_reference(self.ema.state_dict())
         metrics: dict[str, float] = {}
         if augmentation_due(step, cfg.sample_every):
             metrics = self._augment(step)
@@ -126,11 +133,11 @@ class _SAPODriver:
                                f"({size}); lower algorithm.sample_every")
         drawn = self.buffer.sample(size, torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step))
         items = [self.buffer[i] for i in drawn]
-        run.train_pairs = TokenizedPairs(
+        ctx.replace_train_pairs(TokenizedPairs(
             source=f"sapo replay buffer (step {step + 1})",
             pairs=[TokenizedPair(row=it.row, prompt_ids=it.prompt_ids, chosen_ids=it.chosen_ids,
                                  rejected_ids=it.rejected_ids) for it in items],
-        )
+        ))
         metrics["sapo/buffer_size"] = float(len(self.buffer))
         return metrics
 
@@ -141,10 +148,10 @@ class _SAPODriver:
 
         from prefopt.engine import planned_pairs
 
-        run, cfg = self.run, self.config
+        ctx, cfg = self.ctx, self.config
         indices = planned_pairs(self.recipe.seed, len(self.data), self.recipe.train.batch_size, step)
         payload, metrics = [None], {}
-        if run.is_main:
+        if ctx.is_main:
             rng = torch.Generator().manual_seed(self.recipe.seed * 7_919 + step)
             real = [self.data.pairs[i] for i in indices]
             cuts = [cut_point(len(p.chosen_ids), cfg.segment_tokens, rng) for p in real]
@@ -152,13 +159,13 @@ class _SAPODriver:
             started = time.perf_counter()
             generated = self._generate(prompts, seed=self.recipe.seed * 1_000_003 + step)
             metrics["time/sample_s"] = time.perf_counter() - started
-            eos = eos_token_ids(self.policy, run.tokenizer)
+            eos = eos_token_ids(self.policy, ctx.tokenizer)
             payload = [[
                 ReplayItem(p.prompt_ids, p.chosen_ids, compose_rejected(p.chosen_ids, t, cfg.segment_tokens,
                                                                         g.token_ids, eos), p.row).to_dict()
                 for p, t, g in zip(real, cuts, generated)
             ]]
-        if run.accelerator.num_processes > 1:
+        if ctx.num_processes > 1:
             broadcast_object_list(payload, from_process=0)
         new = [ReplayItem(d["prompt_ids"], d["chosen_ids"], d["rejected_ids"], d["row"]) for d in payload[0]]
         self.buffer.add(new)
@@ -178,8 +185,8 @@ class _SAPODriver:
             from prefopt.models.loading import resolve_model_path
 
             self.sampler = cls(config, SamplerContext(
-                model_path=resolve_model_path(m.path), tokenizer=self.run.tokenizer, dtype=m.dtype,
-                trust_remote_code=m.trust_remote_code, device=str(self.run.accelerator.device), seed=self.recipe.seed,
+                model_path=resolve_model_path(m.path), tokenizer=self.ctx.tokenizer, dtype=m.dtype,
+                trust_remote_code=m.trust_remote_code, device=str(self.ctx.device), seed=self.recipe.seed,
             ))
         with substituted(self.policy, self.ema.tensors):
             self.sampler.load_weights(self.policy)

@@ -11,9 +11,11 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
-from prefopt import Algorithm, AlgorithmConfig, hookimpl
+from prefopt import Algorithm, AlgorithmConfig, Phase, derive_recipe, hookimpl
 from prefopt.data.types import TokenizedPairs
 from prefopt.errors import PrefoptError
+from prefopt.integrity import checksum_path, verify_checksum, write_checksum
+from prefopt.paths import atomic_write_text, replace_dir, staging_dir
 
 PLAN_FILE = "stages.json"
 
@@ -87,28 +89,29 @@ class Stepwise(Algorithm):
         from accelerate import PartialState
 
         from prefopt import engine
-        from prefopt.recipe import validate_tree
 
         run_dir = Path(recipe.output.dir)
-        tree = recipe.model_dump(mode="json")
         first_model = recipe.model.path
         summaries, stage_model = [], first_model
         total = None
         for index in range(1, 10_000):
             stage_dir = run_dir / "stages" / f"stage-{index}"
             last = total is not None and index == total
-            stage_tree = self._stage_tree(tree, stage_model, stage_dir, index, last)
-            stage_recipe = validate_tree(stage_tree, plugins, f"{recipe.output.dir} stage {index}")
+            stage_recipe = derive_recipe(recipe, plugins, _stage_changes(stage_model, stage_dir, index, last),
+                                         f"{recipe.output.dir} stage {index}")
             summary_file = stage_dir / "summary.json"
             if summary_file.exists():
                 summary = json.loads(summary_file.read_text())
             else:
-                summary = engine.train(
-                    stage_recipe, plugins, show_progress=show_progress, data_model=first_model, end_training=False,
+                # every stage reads the data as the initial model built it, and trains on its own part of it
+                phase = Phase(
+                    data_model=first_model,
                     select_train=lambda pairs, rows, i=index: self._stage_pairs(recipe, run_dir, pairs, rows, i),
                 )
+                summary = engine.train(stage_recipe, plugins, phase=phase, show_progress=show_progress,
+                                       end_training=False)
             summaries.append(summary)
-            total = json.loads((run_dir / PLAN_FILE).read_text())["stages"].__len__()
+            total = len(_read_plan(run_dir / PLAN_FILE)["stages"])
             stage_model = str(stage_dir / "model")
             if index == total:
                 break
@@ -126,29 +129,13 @@ class Stepwise(Algorithm):
         state.destroy_process_group()
         return summary
 
-    def _stage_tree(self, tree: dict, model_path: str, stage_dir: Path, index: int, last: bool) -> dict:
-        """The recipe of stage ``index``: its own run directory, the previous stage's model as policy and
-        reference, the user's settings otherwise."""
-        stage = json.loads(json.dumps(tree))
-        stage["algorithm"] = None
-        stage["model"]["path"] = model_path
-        stage["model"]["revision"] = None if index > 1 else stage["model"]["revision"]
-        stage["output"]["dir"] = str(stage_dir)
-        # The next stage loads this stage's model, so every stage but the last saves it merged.
-        if not last:
-            stage["output"]["save_model"] = True
-            stage["output"]["merge_lora"] = True
-        if index > 1:
-            stage["eval"]["at_start"] = False  # the previous stage's final evaluation already scored this model
-        return stage
-
     # ------------------------------------------------------------------------------------------------------
     # the partition, computed once and kept in stages.json
 
     def _stage_pairs(self, recipe, run_dir: Path, pairs: TokenizedPairs, rows, index: int) -> TokenizedPairs:
         plan_file = run_dir / PLAN_FILE
-        if plan_file.exists():
-            plan = json.loads(plan_file.read_text())
+        plan = _read_plan(plan_file)
+        if plan is not None:
             if plan["data"] != pairs.fingerprint:
                 raise PrefoptError(
                     f"{plan_file}: the training data changed since this run was split into stages; "
@@ -157,7 +144,7 @@ class Stepwise(Algorithm):
         else:
             plan = {"data": pairs.fingerprint, "split": self.config.split,
                     "stages": self._partition(recipe, pairs, rows)}
-            _write_atomically(plan_file, json.dumps(plan, indent=1))
+            _write_plan(plan_file, plan)
         stages = plan["stages"]
         return pairs.subset(stages[index - 1]["pairs"], f"stage {index} of {len(stages)}")
 
@@ -185,6 +172,19 @@ class Stepwise(Algorithm):
         return [{"value": v, "pairs": [i for i, x in enumerate(values) if x == v]} for v in order]
 
 
+def _stage_changes(model_path: str, stage_dir: Path, index: int, last: bool) -> dict:
+    """How the recipe of stage ``index`` differs from the user's: no algorithm section, its own run directory,
+    the previous stage's model as policy and reference."""
+    changes = {"algorithm": None, "model.path": model_path, "output.dir": str(stage_dir)}
+    if index > 1:
+        changes["model.revision"] = None  # the previous stage's model is a local directory
+        changes["eval.at_start"] = False  # the previous stage's final evaluation already scored this model
+    # The next stage loads this stage's model, so every stage but the last saves it merged.
+    if not last:
+        changes.update({"output.save_model": True, "output.merge_lora": True})
+    return changes
+
+
 def _cut(order: list[int], parts: int) -> list[list[int]]:
     """``order`` in ``parts`` consecutive pieces whose sizes differ by at most one."""
     size, extra = divmod(len(order), parts)
@@ -200,36 +200,52 @@ def _preference_margins(recipe, pairs: TokenizedPairs, score_model: str | None) 
     """Per pair, mean log-prob per token of chosen minus rejected under the scoring model, through the
     reference cache (a later run, or a stage reference of the same model and pairs, reuses it)."""
     from prefopt.models.loading import base_weights_fingerprint, load_causal_lm, load_tokenizer, resolve_model_path
-    from prefopt.reference.providers import CachedReference, LiveReference, build_cache, cache_key, cache_path
+    from prefopt.reference.cache import cached_reference
+    from prefopt.reference.providers import LiveReference
 
     m = recipe.model
     path = resolve_model_path(score_model or m.path)
     tokenizer = load_tokenizer(path, trust_remote_code=m.trust_remote_code)
     model = load_causal_lm(path, dtype=m.dtype, trust_remote_code=m.trust_remote_code).requires_grad_(False)
-    target = cache_path(cache_key(base_weights_fingerprint(model), pairs, f"{m.dtype}/no"))
-    if not target.exists():
-        build_cache(LiveReference(model, chunk_size=recipe.train.logprob_chunk_size), pairs, target,
-                    batch_size=recipe.reference.batch_size, pad_id=tokenizer.pad_token_id, show_progress=False)
+    cached, _ = cached_reference(
+        LiveReference(model, chunk_size=recipe.train.logprob_chunk_size), pairs,
+        weights=base_weights_fingerprint(model), dtype=f"{m.dtype}/no", batch_size=recipe.reference.batch_size,
+        pad_id=tokenizer.pad_token_id, show_progress=False,
+    )
     del model
-    cached = CachedReference(target)
     counts = (cached.offsets[1:] - cached.offsets[:-1]).clamp(min=1).double()
     means = cached.sums.double() / counts
     n = len(pairs)
     return (means[:n] - means[n:]).tolist()
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _read_plan(plan_file: Path) -> dict | None:
+    """stages.json as it was written, None before the data is split. A damaged one stops the run rather than
+    being split again unasked: stages may have trained on it."""
+    if not plan_file.exists():
+        return None
+    # a plan written before checksums were kept has none: it is read as it is
+    problem = verify_checksum(plan_file) if checksum_path(plan_file).exists() else None
+    if problem is None:
+        try:
+            return json.loads(plan_file.read_text())
+        except ValueError as exc:
+            problem = f"not JSON: {type(exc).__name__}"
+    raise PrefoptError(
+        f"{plan_file} is damaged ({problem}); delete it and {checksum_path(plan_file).name} to split the data "
+        "again (the same seed and data give the same split), or use a new output.dir"
+    )
+
+
+def _write_plan(plan_file: Path, plan: dict) -> None:
+    """stages.json atomically, then its checksum (checked by ``_read_plan``)."""
+    atomic_write_text(plan_file, json.dumps(plan, indent=1))
+    write_checksum(plan_file)
 
 
 def _link_tree(source: Path, target: Path) -> None:
     """``target`` as a copy of ``source`` made of hard links where the filesystem allows (no second copy of
     the weights on disk), replaced atomically."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
 
     def link(src, dst):
         try:
@@ -237,9 +253,12 @@ def _link_tree(source: Path, target: Path) -> None:
         except OSError:
             shutil.copy2(src, dst)
 
-    shutil.copytree(source, tmp, copy_function=link)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    staging = staging_dir(target, "linking")
+    try:
+        shutil.copytree(source, staging, copy_function=link, dirs_exist_ok=True)
+        replace_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # a no-op once the rename succeeded
 
 
 @hookimpl

@@ -35,9 +35,9 @@ from typing import Literal, Optional, Sequence
 import torch
 from pydantic import Field, field_validator
 
-from prefopt import JudgeConfig, JudgeContext, PairwiseJudge, hookimpl
+from prefopt import JudgeConfig, JudgeContext, PairwiseJudge, hookimpl, pad_token_ids
 from prefopt.errors import PrefoptError
-from prefopt.api.judge import drop_models, right_pad
+from prefopt.api.judge import drop_models
 
 DEFAULT_TEMPLATE = (
     "Below are a request and two responses to it. Which response is better: more helpful, more accurate "
@@ -122,6 +122,7 @@ class LLMPairwiseJudge(PairwiseJudge):
         super().__init__(config, context)
         self._model = None
         self._tokenizer = None
+        self._pad_id = 0
         self._chat = False
         self._keeps_logits = False  # whether the model's forward takes logits_to_keep (transformers' own do)
         self._answer_start: list[int] = []  # tokens both answers begin with, appended to every question
@@ -156,7 +157,7 @@ class LLMPairwiseJudge(PairwiseJudge):
             for start in range(0, len(order), self.config.batch_size):
                 chunk = order[start : start + self.config.batch_size]
                 batch = [sequences[i] for i in chunk]
-                input_ids, attention_mask = right_pad(batch, self._tokenizer.pad_token_id, device)
+                input_ids, attention_mask = pad_token_ids(batch, self._pad_id, device=device)
                 last = torch.tensor([len(ids) - 1 for ids in batch], device=device)  # right padding: exact
                 pair_logits = self._answer_logits(input_ids, attention_mask, last)[:, answer_ids].float()
                 for i, p in zip(chunk, pair_logits.softmax(-1)[:, 0].tolist()):
@@ -191,6 +192,9 @@ class LLMPairwiseJudge(PairwiseJudge):
             )
         self._chat = cfg.format == "chat" or (cfg.format == "auto" and has_template)
         self._tokenizer = tokenizer
+        # Padding is masked and each row is read at its own last token, so any id pads: a tokenizer with neither
+        # a pad nor an EOS token (load_tokenizer pads with EOS) pads with 0.
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._answer_start, self._answer_ids = self._find_answers(
             cfg.labels or DEFAULT_LABELS["chat" if self._chat else "plain"]
         )

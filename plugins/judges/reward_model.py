@@ -30,9 +30,9 @@ from typing import Literal, Optional, Sequence, Union
 import torch
 from pydantic import Field, field_validator
 
-from prefopt import JudgeConfig, JudgeContext, ScoreJudge, hookimpl
+from prefopt import JudgeConfig, JudgeContext, ScoreJudge, hookimpl, pad_token_ids
 from prefopt.errors import PrefoptError, did_you_mean
-from prefopt.api.judge import drop_models, right_pad
+from prefopt.api.judge import drop_models
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class RewardModelJudge(ScoreJudge):
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                input_ids, attention_mask = right_pad([sequences[i] for i in chunk], self._pad_id, device)
+                input_ids, attention_mask = pad_token_ids([sequences[i] for i in chunk], self._pad_id, device=device)
                 logits = self._model(input_ids=input_ids, attention_mask=attention_mask).logits
                 for i, value in zip(chunk, logits[:, self._label_index].float().tolist()):
                     scores[i] = value

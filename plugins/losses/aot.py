@@ -126,8 +126,8 @@ class AOTUnpaired(PreferenceLoss):
     paper = "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport, arXiv:2406.05882"
 
     def __call__(self, logps: PairLogps) -> LossOutput:
-        chosen_sorted, _ = torch.sort(logps.policy_chosen - logps.ref_chosen, dim=0)
-        rejected_sorted, _ = torch.sort(logps.policy_rejected - logps.ref_rejected, dim=0)
+        chosen_sorted, _ = torch.sort(logps.chosen_logratios, dim=0)
+        rejected_sorted, _ = torch.sort(logps.rejected_logratios, dim=0)
         loss = _smoothed_logistic(self.config.beta * (chosen_sorted - rejected_sorted), self.config.epsilon)
         chosen_rewards, rejected_rewards = dpo_rewards(self.config.beta, logps)
         return LossOutput(loss, chosen_rewards, rejected_rewards)

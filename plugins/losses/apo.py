@@ -46,8 +46,8 @@ class APOZero(PreferenceLoss):
 
     def __call__(self, logps: PairLogps) -> LossOutput:
         beta = self.config.beta
-        chosen = logps.policy_chosen - logps.ref_chosen
-        rejected = logps.policy_rejected - logps.ref_rejected
+        chosen = logps.chosen_logratios
+        rejected = logps.rejected_logratios
         loss = (1 - torch.sigmoid(beta * chosen)) + torch.sigmoid(beta * rejected)
         chosen_rewards, rejected_rewards = dpo_rewards(beta, logps)
         return LossOutput(loss, chosen_rewards, rejected_rewards)
@@ -78,8 +78,8 @@ class APODown(PreferenceLoss):
 
     def __call__(self, logps: PairLogps) -> LossOutput:
         beta = self.config.beta
-        chosen = logps.policy_chosen - logps.ref_chosen
-        rejected = logps.policy_rejected - logps.ref_rejected
+        chosen = logps.chosen_logratios
+        rejected = logps.rejected_logratios
         loss = torch.sigmoid(beta * chosen) + (1 - torch.sigmoid(beta * (chosen - rejected)))
         chosen_rewards, rejected_rewards = dpo_rewards(beta, logps)
         return LossOutput(loss, chosen_rewards, rejected_rewards)

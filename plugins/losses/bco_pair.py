@@ -70,8 +70,8 @@ class BCOPair(PreferenceLoss):
 
     def __call__(self, logps: PairLogps) -> LossOutput:
         beta = self.config.beta
-        chosen = beta * (logps.policy_chosen - logps.ref_chosen)
-        rejected = beta * (logps.policy_rejected - logps.ref_rejected)
+        chosen = beta * logps.chosen_logratios
+        rejected = beta * logps.rejected_logratios
         if self.config.running_shift:
             # Only training forwards move the shift: the engine marks evaluation with loss.train(False), and a
             # forward without gradients (a probe of the current margins) is not a training step either.

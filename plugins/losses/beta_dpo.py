@@ -135,7 +135,7 @@ class BetaDPO(PreferenceLoss):
 
     def __call__(self, logps: PairLogps) -> LossOutput:
         cfg = self.config
-        margin = (logps.policy_chosen - logps.ref_chosen) - (logps.policy_rejected - logps.ref_rejected)
+        margin = logps.logratio_margin
         gaps = margin.detach().to(torch.float64)
         pairs = gaps.numel()
         training = self.training and torch.is_grad_enabled() and logps.policy_chosen.requires_grad

@@ -47,8 +47,8 @@ class CalDPO(PreferenceLoss):
 
     def __call__(self, logps: PairLogps) -> LossOutput:
         target = 1.0 / (2.0 * self.config.beta)
-        chosen_ratio = logps.policy_chosen - logps.ref_chosen
-        rejected_ratio = logps.policy_rejected - logps.ref_rejected
+        chosen_ratio = logps.chosen_logratios
+        rejected_ratio = logps.rejected_logratios
         calibration = 0.5 * ((chosen_ratio - target) ** 2 + (rejected_ratio + target) ** 2)
         loss = -F.logsigmoid(chosen_ratio - rejected_ratio) + calibration
         chosen_rewards, rejected_rewards = dpo_rewards(self.config.beta, logps)

@@ -52,7 +52,7 @@ class CDPO(PreferenceLoss):
 
     def __call__(self, logps: PairLogps) -> LossOutput:
         eps = self.config.epsilon
-        margin = (logps.policy_chosen - logps.ref_chosen) - (logps.policy_rejected - logps.ref_rejected)
+        margin = logps.logratio_margin
         h = self.config.beta * margin
         loss = -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)
         chosen_rewards, rejected_rewards = dpo_rewards(self.config.beta, logps)

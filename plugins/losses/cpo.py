@@ -4,38 +4,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor
 
-from prefopt import LossConfig, LossOutput, PairLogps, PreferenceLoss, hookimpl
-
-
-def chosen_nll_per_pair(logps: PairLogps) -> tuple[Tensor, Tensor]:
-    """The chosen responses' negative log-likelihood as a token mean over the micro-batch, split into pairs.
-
-    TRL's CPO and ORPO trainers (``nn.CrossEntropyLoss()`` over the chosen rows) average the NLL over
-    *all* chosen tokens of the micro-batch, nll = -sum_j pc_j / sum_j Lc_j, so a long response weighs
-    more than a short one (ORPO's trainer counts prompt tokens too; see ``prefopt_plugins.losses.orpo``).
-    The engine instead averages per-pair losses, so pair i carries
-
-        nll_i = -pc_i * B / sum_j Lc_j        (B pairs in this micro-batch)
-
-    whose mean over the B pairs is exactly that token mean. A pair's own value depends on the lengths of
-    the other pairs in its micro-batch, so only the micro-batch mean is meaningful.
-
-    Under gradient accumulation the engine adds the micro-batches' per-pair losses and divides by the
-    step's pair count: the step's NLL is the mean of the micro-batches' token means weighted by their pair
-    counts. TRL divides each micro-batch's loss by the accumulation steps, an unweighted mean of the same
-    token means; the two agree whenever micro-batches hold equally many pairs, as the engine's training
-    micro-batches do on every process (the engine requires it). Neither is a token mean over the whole
-    step, so in both, changing the micro-batch size changes how the tokens of different pairs are
-    weighed; the preference terms are unaffected.
-
-    Returns (per-pair contributions, the micro-batch token mean as a detached scalar for logging).
-    """
-    pairs = logps.policy_chosen.shape[0]
-    tokens = logps.chosen_tokens.sum().clamp(min=1)  # an all-empty micro-batch gives 0, not NaN
-    per_pair = -logps.policy_chosen * (pairs / tokens)
-    return per_pair, (-logps.policy_chosen.sum() / tokens).detach()
+from prefopt import LossConfig, LossOutput, PairLogps, PreferenceLoss, chosen_nll_per_pair, hookimpl
 
 
 class CPOConfig(LossConfig):
@@ -66,7 +36,7 @@ class CPO(PreferenceLoss):
     approximation), so no reference model is run; the second keeps the policy close to the preferred data,
     which that approximation no longer does. The NLL is TRL's token mean over the micro-batch's chosen
     response tokens, returned as per-pair contributions whose mean is that value
-    (``chosen_nll_per_pair`` explains the split and how it behaves under gradient accumulation).
+    (``prefopt.chosen_nll_per_pair`` explains the split and how it behaves under gradient accumulation).
 
     Hyperparameters: ``beta`` (default 0.1) and ``alpha`` (default 1.0), both TRL's defaults. Rewards are
     beta * pc and beta * pr (summed, as in TRL); the metric ``nll`` is the micro-batch token-mean NLL.

@@ -56,7 +56,7 @@ class DiscoPOP(PreferenceLoss):
     paper = "Lu et al. 2024, Discovering Preference Optimization Algorithms with and for LLMs, arXiv:2406.08414"
 
     def __call__(self, logps: PairLogps) -> LossOutput:
-        margin = (logps.policy_chosen - logps.ref_chosen) - (logps.policy_rejected - logps.ref_rejected)
+        margin = logps.logratio_margin
         rho = self.config.beta * margin
         gate_logits = rho / self.config.tau
         logistic = torch.sigmoid(-gate_logits) * -F.logsigmoid(rho)  # (1 - g) * -log sigmoid(rho)

@@ -34,7 +34,7 @@ class DPO(PreferenceLoss):
     paper = "Rafailov et al. 2023, Direct Preference Optimization, arXiv:2305.18290"
 
     def __call__(self, logps: PairLogps) -> LossOutput:
-        margin = (logps.policy_chosen - logps.ref_chosen) - (logps.policy_rejected - logps.ref_rejected)
+        margin = logps.logratio_margin
         loss = -F.logsigmoid(self.config.beta * margin)
         chosen_rewards, rejected_rewards = dpo_rewards(self.config.beta, logps)
         return LossOutput(loss, chosen_rewards, rejected_rewards)

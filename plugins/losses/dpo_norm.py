@@ -41,8 +41,8 @@ class DPONorm(PreferenceLoss):
     paper = "Lambert et al. 2024, Tulu 3: Pushing Frontiers in Open Language Model Post-Training, arXiv:2411.15124"
 
     def __call__(self, logps: PairLogps) -> LossOutput:
-        chosen = (logps.policy_chosen - logps.ref_chosen) / logps.chosen_tokens.clamp(min=1)
-        rejected = (logps.policy_rejected - logps.ref_rejected) / logps.rejected_tokens.clamp(min=1)
+        chosen = logps.chosen_logratios / logps.chosen_tokens.clamp(min=1)
+        rejected = logps.rejected_logratios / logps.rejected_tokens.clamp(min=1)
         loss = -F.logsigmoid(self.config.beta * (chosen - rejected))
         chosen_rewards, rejected_rewards = dpo_rewards(self.config.beta, logps)
         return LossOutput(loss, chosen_rewards, rejected_rewards)

@@ -56,7 +56,7 @@ class DPOP(PreferenceLoss):
 
     def __call__(self, logps: PairLogps) -> LossOutput:
         beta, lam = self.config.beta, self.config.lam
-        margin = (logps.policy_chosen - logps.ref_chosen) - (logps.policy_rejected - logps.ref_rejected)
+        margin = logps.logratio_margin
         penalty = torch.relu(logps.ref_chosen - logps.policy_chosen)
         loss = -F.logsigmoid(beta * (margin - lam * penalty))
         chosen_rewards, rejected_rewards = dpo_rewards(beta, logps)

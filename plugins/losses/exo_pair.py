@@ -56,7 +56,7 @@ class EXOPair(PreferenceLoss):
 
     def __call__(self, logps: PairLogps) -> LossOutput:
         eps = self.config.epsilon
-        margin = (logps.policy_chosen - logps.ref_chosen) - (logps.policy_rejected - logps.ref_rejected)
+        margin = logps.logratio_margin
         h = self.config.beta * margin
         # log q from logsigmoid, not log(sigmoid(h)), so a confident q never becomes log 0.
         loss = torch.sigmoid(h) * (F.logsigmoid(h) - math.log1p(-eps)) + torch.sigmoid(-h) * (

@@ -92,8 +92,8 @@ class FDPO(PreferenceLoss):
 
     def __call__(self, logps: PairLogps) -> LossOutput:
         c = self.config
-        chosen = f_prime(logps.policy_chosen - logps.ref_chosen, c.divergence, c.alpha)
-        rejected = f_prime(logps.policy_rejected - logps.ref_rejected, c.divergence, c.alpha)
+        chosen = f_prime(logps.chosen_logratios, c.divergence, c.alpha)
+        rejected = f_prime(logps.rejected_logratios, c.divergence, c.alpha)
         loss = -F.logsigmoid(c.beta * (chosen - rejected))
         chosen_rewards, rejected_rewards = dpo_rewards(c.beta, logps)
         return LossOutput(loss, chosen_rewards, rejected_rewards)

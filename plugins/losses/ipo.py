@@ -55,8 +55,8 @@ class IPO(PreferenceLoss):
     )
 
     def __call__(self, logps: PairLogps) -> LossOutput:
-        chosen = logps.policy_chosen - logps.ref_chosen
-        rejected = logps.policy_rejected - logps.ref_rejected
+        chosen = logps.chosen_logratios
+        rejected = logps.rejected_logratios
         if self.config.per_token:
             chosen = chosen / logps.chosen_tokens.clamp(min=1)
             rejected = rejected / logps.rejected_tokens.clamp(min=1)

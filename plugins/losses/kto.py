@@ -68,8 +68,8 @@ class KTO(PreferenceLoss):
         if logps.labels is None:
             raise ValueError("kto trains on unpaired examples: PairLogps.labels must say which are desirable")
         beta = self.config.beta
-        reward = logps.policy_chosen - logps.ref_chosen
-        mismatched = logps.policy_rejected - logps.ref_rejected
+        reward = logps.chosen_logratios
+        mismatched = logps.rejected_logratios
         # The reference point passes no gradient (TRL computes these log-probs under no_grad).
         z0 = mismatched.detach().mean().clamp(min=0)
         desirable = self.config.desirable_weight * (1 - torch.sigmoid(beta * (reward - z0)))

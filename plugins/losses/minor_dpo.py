@@ -41,8 +41,8 @@ class MinorDPO(PreferenceLoss):
     paper = "Xie et al. 2024, Minor DPO reject penalty to increase training robustness, arXiv:2408.09834"
 
     def __call__(self, logps: PairLogps) -> LossOutput:
-        chosen_ratio = logps.policy_chosen - logps.ref_chosen
-        rejected_ratio = logps.policy_rejected - logps.ref_rejected
+        chosen_ratio = logps.chosen_logratios
+        rejected_ratio = logps.rejected_logratios
         loss = -F.logsigmoid(self.config.beta * (chosen_ratio - torch.relu(rejected_ratio)))
         chosen_rewards, rejected_rewards = dpo_rewards(self.config.beta, logps)
         return LossOutput(loss, chosen_rewards, rejected_rewards)

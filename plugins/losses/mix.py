@@ -7,7 +7,7 @@ from typing import Any, Mapping
 from pydantic import Field, ValidationError
 from torch import Tensor
 
-from prefopt import LossConfig, LossOutput, PairLogps, PreferenceLoss, hookimpl
+from prefopt import LossConfig, LossOutput, PairLogps, PreferenceLoss, format_problems, hookimpl
 from prefopt.errors import PrefoptError, did_you_mean
 from prefopt.registry.loading import Registry, default_plugins
 
@@ -29,26 +29,9 @@ class _Weight(LossConfig):
     weight: float = Field(1.0, gt=0, description="A component's factor in the weighted sum.")
 
 
-def _location(loc: tuple) -> str:
-    """A pydantic error location as the user wrote it: ('a', 0, 'b') -> '.a[0].b'."""
-    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
-
-
 def _problems(exc: ValidationError, where: str, loss_name: str, options: list[str]) -> list[str]:
     """One line per error, naming the key's full path, in the recipe's wording."""
-    lines = []
-    for error in exc.errors():
-        path = where + _location(tuple(error["loc"]))
-        if error["type"] == "extra_forbidden":
-            key = str(error["loc"][-1])
-            lines.append(f"{path}: unknown option of loss {loss_name!r}{did_you_mean(key, options)}")
-        elif error["type"] == "missing":
-            lines.append(f"{path}: required but missing")
-        elif error["type"] == "value_error":
-            lines.append(f"{path}: {error['msg'].removeprefix('Value error, ')}")
-        else:
-            lines.append(f"{path}: {error['msg']} (got {error.get('input')!r})")
-    return lines
+    return format_problems(exc, where=where, siblings=options, owner=f"loss {loss_name!r}")
 
 
 class Mix(PreferenceLoss):

@@ -43,8 +43,8 @@ class NCAPair(PreferenceLoss):
 
     def __call__(self, logps: PairLogps) -> LossOutput:
         beta = self.config.beta
-        chosen = beta * (logps.policy_chosen - logps.ref_chosen)
-        rejected = beta * (logps.policy_rejected - logps.ref_rejected)
+        chosen = beta * logps.chosen_logratios
+        rejected = beta * logps.rejected_logratios
         loss = -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
         chosen_rewards, rejected_rewards = dpo_rewards(beta, logps)
         return LossOutput(loss, chosen_rewards, rejected_rewards)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from prefopt import LossConfig, LossOutput, PairLogps, PreferenceLoss, hookimpl
-from prefopt_plugins.losses.cpo import chosen_nll_per_pair
+from prefopt import LossConfig, LossOutput, PairLogps, PreferenceLoss, chosen_nll_per_pair, hookimpl
 
 
 class NLLConfig(LossConfig):
@@ -24,9 +23,9 @@ class NLL(PreferenceLoss):
     no reference model is run.
 
     Per-pair form. The engine averages per-pair losses, so pair i carries the share -pc_i * B / sum_j Lc_j,
-    whose mean over the B pairs is the token mean above (``prefopt_plugins.losses.cpo.chosen_nll_per_pair``
-    explains the split and what it means under gradient accumulation). Only the micro-batch mean of the shares
-    is meaningful: a pair's share depends on the lengths of the other pairs.
+    whose mean over the B pairs is the token mean above (``prefopt.chosen_nll_per_pair`` explains the split
+    and what it means under gradient accumulation). Only the micro-batch mean of the shares is meaningful: a
+    pair's share depends on the lengths of the other pairs.
 
     No hyperparameters.
 

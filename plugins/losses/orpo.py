@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from prefopt import LossConfig, LossOutput, PairLogps, PreferenceLoss, hookimpl
-from prefopt_plugins.losses.cpo import chosen_nll_per_pair
+from prefopt import LossConfig, LossOutput, PairLogps, PreferenceLoss, chosen_nll_per_pair, hookimpl
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -42,7 +41,7 @@ class ORPO(PreferenceLoss):
     The NLL term is supervised fine-tuning on the chosen responses; the odds-ratio term, on the same
     forward pass, penalises the rejected style, so preference alignment needs neither an SFT stage before
     it nor a reference model. The NLL is returned as per-pair contributions whose mean is the micro-batch
-    token mean (see ``prefopt_plugins.losses.cpo.chosen_nll_per_pair``, also for gradient accumulation).
+    token mean (see ``prefopt.chosen_nll_per_pair``, also for gradient accumulation).
 
     Hyperparameter: ``beta`` (the paper's lambda, TRL's ``beta``; default 0.1). Rewards are beta * ac and
     beta * ar, as in TRL. Metrics, as TRL logs them: ``nll`` (the micro-batch token-mean NLL),

@@ -50,7 +50,7 @@ class RDPO(PreferenceLoss):
 
     def __call__(self, logps: PairLogps) -> LossOutput:
         beta, alpha = self.config.beta, self.config.alpha
-        margin = (logps.policy_chosen - logps.ref_chosen) - (logps.policy_rejected - logps.ref_rejected)
+        margin = logps.logratio_margin
         length_offset = alpha * (logps.chosen_tokens - logps.rejected_tokens)
         loss = -F.logsigmoid(beta * margin + length_offset)
         chosen_rewards, rejected_rewards = dpo_rewards(beta, logps)

@@ -49,7 +49,7 @@ class RobustDPO(PreferenceLoss):
 
     def __call__(self, logps: PairLogps) -> LossOutput:
         eps = self.config.epsilon
-        margin = (logps.policy_chosen - logps.ref_chosen) - (logps.policy_rejected - logps.ref_rejected)
+        margin = logps.logratio_margin
         h = self.config.beta * margin
         loss = (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
         chosen_rewards, rejected_rewards = dpo_rewards(self.config.beta, logps)

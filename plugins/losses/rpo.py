@@ -59,7 +59,7 @@ class RPO(PreferenceLoss):
     paper = "Pang et al. 2024, Iterative Reasoning Preference Optimization, arXiv:2404.19733"
 
     def __call__(self, logps: PairLogps) -> LossOutput:
-        margin = (logps.policy_chosen - logps.ref_chosen) - (logps.policy_rejected - logps.ref_rejected)
+        margin = logps.logratio_margin
         dpo = -F.logsigmoid(self.config.beta * margin)
         # Each pair's share of the token-mean NLL: its summed NLL over the batch's mean chosen length.
         mean_length = logps.chosen_tokens.sum().clamp(min=1) / logps.chosen_tokens.numel()

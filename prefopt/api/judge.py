@@ -18,17 +18,17 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import ClassVar, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-__all__ = ["Choice", "Judge", "JudgeConfig", "JudgeContext", "PairwiseJudge", "ScoreJudge", "drop_models", "right_pad"]
+from prefopt.api.plugin import Plugin, PluginConfig
+
+__all__ = ["Choice", "Judge", "JudgeConfig", "JudgeContext", "PairwiseJudge", "ScoreJudge", "drop_models"]
 
 Text = Union[str, list]  # a prompt: plain text, or chat messages [{"role": ..., "content": ...}]
 
 
-class JudgeConfig(BaseModel):
+class JudgeConfig(PluginConfig):
     """Options every judge has (recipe key ``algorithm.judge``); judges add their own. Unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     min_margin: float = Field(
         0.0, ge=0, description="A prompt gives a pair only if its best completion beats its worst by more than "
@@ -57,11 +57,10 @@ class Choice:
         return self.scores[self.chosen] - self.scores[self.rejected]
 
 
-class Judge(abc.ABC):
+class Judge(Plugin):
     """Base class of judge plugins; subclass ``ScoreJudge`` or ``PairwiseJudge``. Subclasses set ``name``
     (recipe key ``algorithm.judge.name``), ``Config`` and a docstring whose first line ``prefopt list`` shows."""
 
-    name: ClassVar[str]
     Config: ClassVar[type[JudgeConfig]] = JudgeConfig
 
     def __init__(self, config: JudgeConfig, context: JudgeContext) -> None:
@@ -74,10 +73,6 @@ class Judge(abc.ABC):
 
     def close(self) -> None:
         """Free what the judge holds (a reward model)."""
-
-    @classmethod
-    def summary(cls) -> str:
-        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
 
 class ScoreJudge(Judge):
@@ -136,22 +131,7 @@ def _best_and_worst(scores: tuple[float, ...], min_margin: float) -> Choice | No
 
 
 # ----------------------------------------------------------------------------------------------------------
-# helpers for judges that run a model
-
-
-def right_pad(sequences: list[list[int]], pad_id: int | None, device):
-    """``(input_ids, attention_mask)`` of token-id lists padded on the right. Right padding keeps every real
-    token at its own position, so a causal model's outputs at real tokens equal an unpadded forward's.
-    ``pad_id`` may be None only for a batch of one, which needs no padding."""
-    import torch
-
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), width), 0 if pad_id is None else pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids.to(device), attention_mask.to(device)
+# helpers for judges that run a model (they pad token ids with ``prefopt.pad_token_ids``)
 
 
 def drop_models(owner, *attributes: str) -> None:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
+
+from prefopt.api.plugin import Plugin, PluginConfig
 
 __all__ = ["LossConfig", "LossOutput", "PairLogps", "PreferenceLoss"]
 
@@ -64,6 +65,33 @@ class PairLogps:
     def policy_rejected_mean(self) -> Tensor:
         return self.policy_rejected / self.rejected_tokens.clamp(min=1)
 
+    # The log-ratios of DPO-family losses. Each is computed afresh on every read, never cached: a cached value
+    # first read under ``torch.no_grad()`` (as ``dpo_rewards`` reads it) would carry no gradient to a loss.
+    @property
+    def chosen_logratios(self) -> Tensor:
+        """log pi(y_c|x) - log pi_ref(y_c|x): the chosen response's log-ratio, pc - rc (DPO's reward / beta)."""
+        return self.policy_chosen - self._reference("ref_chosen")
+
+    @property
+    def rejected_logratios(self) -> Tensor:
+        """log pi(y_r|x) - log pi_ref(y_r|x): the rejected response's log-ratio, pr - rr."""
+        return self.policy_rejected - self._reference("ref_rejected")
+
+    @property
+    def logratio_margin(self) -> Tensor:
+        """DPO's margin (pc - rc) - (pr - rr), the chosen log-ratio minus the rejected one (DPO paper, eq. 7).
+
+        Computed in that order, as DPO writes it and TRL computes it: (pc - pr) - (rc - rr) is the same number
+        in exact arithmetic but can differ in the last bits in floating point."""
+        return self.chosen_logratios - self.rejected_logratios
+
+    def _reference(self, name: str) -> Tensor:
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"PairLogps.{name} is None: only a loss that declares requires_reference gets "
+                             "reference log-probs, and with them its log-ratios")
+        return value
+
 
 @dataclass(frozen=True)
 class LossOutput:
@@ -78,13 +106,11 @@ class LossOutput:
     # completion), averaged over desirable and over undesirable examples; ``rejected_rewards`` is unused.
 
 
-class LossConfig(BaseModel):
+class LossConfig(PluginConfig):
     """Base of every loss's hyper-parameter model. Unknown keys are errors; configs are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class PreferenceLoss(abc.ABC):
+class PreferenceLoss(Plugin):
     """Base class of every loss plugin.
 
     Subclasses set ``name`` (the recipe's ``loss.name``), ``Config`` (a ``LossConfig`` subclass whose
@@ -92,9 +118,7 @@ class PreferenceLoss(abc.ABC):
     whose first line is the one-line summary ``prefopt list`` shows, and implement ``__call__``.
     """
 
-    name: ClassVar[str]
     Config: ClassVar[type[LossConfig]]
-    paper: ClassVar[str]
 
     # Declared needs: the engine computes only what these ask for.
     requires_reference: ClassVar[bool] = True
@@ -131,17 +155,37 @@ class PreferenceLoss(abc.ABC):
         if state:
             raise ValueError(f"loss {self.name!r} keeps no state but the checkpoint holds {sorted(state)}")
 
-    @classmethod
-    def summary(cls) -> str:
-        """The first line of the class docstring."""
-        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-
 
 def dpo_rewards(beta: float, logps: PairLogps) -> tuple[Tensor, Tensor]:
     """The implicit rewards beta * (policy - reference) of both responses, detached (DPO paper, eq. 5)."""
-    assert logps.ref_chosen is not None and logps.ref_rejected is not None
     with torch.no_grad():
-        return (
-            beta * (logps.policy_chosen - logps.ref_chosen),
-            beta * (logps.policy_rejected - logps.ref_rejected),
-        )
+        return beta * logps.chosen_logratios, beta * logps.rejected_logratios
+
+
+def chosen_nll_per_pair(logps: PairLogps) -> tuple[Tensor, Tensor]:
+    """The chosen responses' negative log-likelihood as a token mean over the micro-batch, split into pairs.
+
+    TRL's CPO and ORPO trainers (``nn.CrossEntropyLoss()`` over the chosen rows) average the NLL over
+    *all* chosen tokens of the micro-batch, nll = -sum_j pc_j / sum_j Lc_j, so a long response weighs
+    more than a short one (ORPO's trainer counts prompt tokens too). The engine instead averages
+    per-pair losses, so pair i carries
+
+        nll_i = -pc_i * B / sum_j Lc_j        (B pairs in this micro-batch)
+
+    whose mean over the B pairs is exactly that token mean. A pair's own value depends on the lengths of
+    the other pairs in its micro-batch, so only the micro-batch mean is meaningful.
+
+    Under gradient accumulation the engine adds the micro-batches' per-pair losses and divides by the
+    step's pair count: the step's NLL is the mean of the micro-batches' token means weighted by their pair
+    counts. TRL divides each micro-batch's loss by the accumulation steps, an unweighted mean of the same
+    token means; the two agree whenever micro-batches hold equally many pairs, as the engine's training
+    micro-batches do on every process (the engine requires it). Neither is a token mean over the whole
+    step, so in both, changing the micro-batch size changes how the tokens of different pairs are
+    weighed; the preference terms are unaffected.
+
+    Returns (per-pair contributions, the micro-batch token mean as a detached scalar for logging).
+    """
+    pairs = logps.policy_chosen.shape[0]
+    tokens = logps.chosen_tokens.sum().clamp(min=1)  # an all-empty micro-batch gives 0, not NaN
+    per_pair = -logps.policy_chosen * (pairs / tokens)
+    return per_pair, (-logps.policy_chosen.sum() / tokens).detach()

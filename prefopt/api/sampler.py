@@ -13,16 +13,17 @@ import hashlib
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-__all__ = ["Sample", "Sampler", "SamplerConfig", "SamplerContext"]
+from prefopt.api.plugin import Plugin, PluginConfig
+from prefopt.errors import PrefoptError
+
+__all__ = ["Sample", "Sampler", "SamplerConfig", "SamplerContext", "derive_seed", "eos_token_ids"]
 
 
-class SamplerConfig(BaseModel):
+class SamplerConfig(PluginConfig):
     """Options every sampler has (recipe key ``algorithm.sampler``); samplers add their own. Unknown keys are
     errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_new_tokens: int = Field(64, ge=1, le=32768, description="Length limit of each completion, in tokens.")
     temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature; 1.0 samples the model as it is.")
@@ -52,11 +53,10 @@ class Sample:
     finished: bool  # whether it ended with EOS (False: cut at max_new_tokens)
 
 
-class Sampler(abc.ABC):
+class Sampler(Plugin):
     """Base class of sampler plugins. Subclasses set ``name`` (recipe key ``algorithm.sampler.name``),
     ``Config`` (a ``SamplerConfig`` subclass) and a docstring whose first line ``prefopt list`` shows."""
 
-    name: ClassVar[str]
     Config: ClassVar[type[SamplerConfig]] = SamplerConfig
 
     def __init__(self, config: SamplerConfig, context: SamplerContext) -> None:
@@ -77,10 +77,6 @@ class Sampler(abc.ABC):
     def close(self) -> None:
         """Free what the sampler holds (an engine, its KV cache)."""
 
-    @classmethod
-    def summary(cls) -> str:
-        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-
 
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed of its own for each tuple of parts (a run's seed, a purpose, a batch or prompt index):
@@ -88,3 +84,24 @@ def derive_seed(*parts: object) -> int:
     purposes never share one."""
     key = ":".join(str(part) for part in parts)
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a completion: the tokenizer's EOS, then the EOS ids of the model's generation
+    config (``model`` may be None), without repeats.
+
+    Both, not either: the tokenizer's EOS is the one prefopt ends every training response with
+    (``data.append_eos``), so a policy trained here learns to stop with it, while the generation config lists
+    where the checkpoint was trained to stop (a chat model's end-of-turn token, sometimes several). Stopping
+    on only one set lets a completion run on past an end the model chose. The tokenizer's comes first, so
+    ``[0]`` is the id to pad with when the tokenizer has no pad token.
+    """
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, configured):
+        for token in value if isinstance(value, (list, tuple)) else [value]:
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+    if not ids:
+        raise PrefoptError("sampler: neither the tokenizer nor the model's generation config names an EOS token")
+    return ids

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Sequence
 
-from pydantic import BaseModel, ConfigDict
+from prefopt.api.plugin import Plugin, PluginConfig
 
 __all__ = ["KL_METRIC", "EvalOptions", "Task", "TaskConfig", "TaskContext", "TaskData", "completion_logps"]
 
@@ -22,10 +22,8 @@ __all__ = ["KL_METRIC", "EvalOptions", "Task", "TaskConfig", "TaskContext", "Tas
 KL_METRIC = "kl/sequence_mean"
 
 
-class TaskConfig(BaseModel):
+class TaskConfig(PluginConfig):
     """Base of every task's options (recipe key ``data.task``). Unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass(frozen=True)
@@ -66,13 +64,11 @@ class EvalOptions:
     max_new_tokens: int | None = None  # length limit of each completion
 
 
-class Task(abc.ABC):
+class Task(Plugin):
     """Base class of task plugins. Subclasses set ``name``, ``Config`` and a docstring whose first line
     is the summary ``prefopt list`` shows."""
 
-    name: ClassVar[str]
     Config: ClassVar[type[TaskConfig]]
-    paper: ClassVar[str] = ""
     # Keys of evaluate()'s result holding the mean ground-truth reward and the mean completion length in
     # tokens; benchmarks rank by the reward. None: the task reports no such metric.
     reward_metric: ClassVar[str | None] = None
@@ -97,10 +93,6 @@ class Task(abc.ABC):
         arguments existed take only (model, tokenizer, data); callers check the signature.
         """
         return {}
-
-    @classmethod
-    def summary(cls) -> str:
-        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
 
 def completion_logps(

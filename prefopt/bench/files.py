@@ -11,8 +11,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from prefopt.paths import atomic_write_json
 
 RECIPE_FILE = "bench-recipe.yaml"  # the derived training recipe the child is given
 TRAIN_LOG = "bench-train.log"  # the training child's output
@@ -24,9 +25,7 @@ RESULTS_FILE = "results.jsonl"
 
 def write_json(path: Path, value) -> None:
     """Atomically: a file that exists is complete, which is what tells a rerun that a step is done."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, value)
 
 
 def read_json(path: Path):

@@ -23,8 +23,8 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from prefopt.errors import PrefoptError, RecipeError, did_you_mean
-from prefopt.recipe import apply_override, parse_override, read_yaml, validate_tree
+from prefopt.errors import PrefoptError, RecipeError
+from prefopt.recipe import apply_override, format_problems, parse_override, read_yaml, validate_tree
 from prefopt.api.task import EvalOptions
 
 # Names become directory names: letters, digits, dot, dash, underscore; no leading dot or dash.
@@ -196,8 +196,8 @@ def load_bench(path: str | Path, plugins=None, *, with_runs: bool = True) -> Ben
     try:
         spec = BenchRecipe.model_validate(tree)
     except ValidationError as exc:
-        problems = [_describe(e, tree) for e in exc.errors()]
-        raise RecipeError(str(path), list(dict.fromkeys(problems))) from None
+        # keys as the user wrote them (entries[2].name), suggestions from the bench recipe's own sections
+        raise RecipeError(str(path), format_problems(exc, model=BenchRecipe, root="(bench recipe)")) from None
     base = Path(os.path.normpath(path.parent / spec.base))  # recipes/dpo/x.yaml, not recipes/bench/../dpo/x.yaml
     if not base.is_file():
         raise RecipeError(str(path), [f"base: {base} not found (base is relative to the bench file's folder)"])
@@ -258,36 +258,3 @@ def _with_runs(bench: Bench, plugins) -> Bench:
     if problems:
         raise RecipeError(str(bench.path), problems)
     return Bench(bench.path, spec, bench.base, bench.dir, tuple(runs), initial)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# error messages
-
-
-def _describe(error: dict, tree: dict) -> str:
-    """One line per schema problem, naming the key as the user wrote it (entries[2].name)."""
-    loc = tuple(error["loc"])
-    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(bench recipe)"
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return f"{path}: unknown key{did_you_mean(str(loc[-1]), _fields_at(loc[:-1]))}"
-    if kind == "missing":
-        return f"{path}: required but missing"
-    message = error["msg"].removeprefix("Value error, ")
-    if kind == "value_error":
-        return f"{path}: {message}"
-    return f"{path}: {message} (got {error.get('input')!r})"
-
-
-def _fields_at(loc: tuple) -> list[str]:
-    """Field names of the section ``loc`` points into, for did-you-mean suggestions."""
-    model: Any = BenchRecipe
-    for key in loc:
-        if isinstance(key, int):
-            continue
-        field = getattr(model, "model_fields", {}).get(key)
-        if field is None:
-            return []
-        annotation = field.annotation
-        model = next((a for a in getattr(annotation, "__args__", ()) if hasattr(a, "model_fields")), annotation)
-    return list(getattr(model, "model_fields", {}) or {})

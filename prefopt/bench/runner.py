@@ -19,9 +19,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from prefopt.data.load import looks_local
 from prefopt.errors import PrefoptError, did_you_mean
 from prefopt.paths import CACHE_ENV, cache_root
 from prefopt.recipe import dump_recipe
+from prefopt.recipe.flatten import flatten
 from prefopt.bench.evaluate import options_record, recipe_digest
 from prefopt.bench.files import EVAL_FILE, EVAL_LOG, RECIPE_FILE, RESULTS_FILE, TRAIN_FILE, TRAIN_LOG, read_json, write_json
 from prefopt.bench.processes import failure_reason, last_error_line, python_module, run_child
@@ -122,8 +124,8 @@ def check_run_dirs(runs: list[Run]) -> None:
         saved = run.dir / "recipe.yaml"  # written by the engine when the run started
         if not saved.is_file():
             continue
-        before = _flatten(yaml.safe_load(saved.read_text()) or {})
-        now = _flatten(yaml.safe_load(dump_recipe(run.recipe)))
+        before = flatten(yaml.safe_load(saved.read_text()) or {})
+        now = flatten(yaml.safe_load(dump_recipe(run.recipe)))
         # Keys on one side only are defaults that a newer prefopt added or removed: not a change of recipe.
         changed = [key for key in now if key in before and before[key] != now[key]]
         if changed:
@@ -147,7 +149,7 @@ def check_local_models(bench: Bench, runs: list[Run]) -> None:
         named = [("model.path", r.model.path), ("reference.path", r.reference.path),
                  *(("reference.extra", path) for path in r.reference.extra)]
         for key, path in named:
-            if path and _looks_local(path) and not Path(path).expanduser().exists():
+            if path and looks_local(path) and not Path(path).expanduser().exists():
                 entries = missing.setdefault(f"{key} {path}", [])
                 if run.entry not in entries:
                     entries.append(run.entry)
@@ -157,20 +159,6 @@ def check_local_models(bench: Bench, runs: list[Run]) -> None:
         which = f"entr{'y' if len(entries) == 1 else 'ies'} {', '.join(entries)}"
         raise PrefoptError(f"{what} ({which}) does not exist{more}; create it first (see the "
                            f"header of {bench.path}) or leave the entry out with --only")
-
-
-def _looks_local(path: str) -> bool:
-    """A filesystem path rather than a hub id: absolute, ./ ~/ ../, or more than owner/name."""
-    return path.startswith(("/", ".", "~")) or len(Path(path).parts) > 2
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 def _warn_if_eval_follows_seed(bench: Bench, say) -> None:

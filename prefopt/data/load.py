@@ -6,12 +6,15 @@ underlying exception is chained to it (``raise ... from``) but is never the only
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import logging
 import os
 from collections.abc import Callable
 
 import datasets
 
+from prefopt.data.utf8 import check_utf8, not_utf8
 from prefopt.errors import PrefoptError, did_you_mean
 
 # File suffix -> the datasets builder that reads it. ".json" holds either JSON Lines or one array.
@@ -41,7 +44,8 @@ def load_rows(
         datasets.Dataset: the rows, at least one.
 
     Raises:
-        PrefoptError: the file is missing, empty or unreadable, its suffix unsupported, the split
+        PrefoptError: the file is missing, empty or unreadable (permission denied is said so), its
+            suffix unsupported, its text not UTF-8 (naming the file and line, or the row), the split
             unknown (the message lists the available ones), the split has no rows, or the hub is
             unreachable or has no such dataset.
     """
@@ -53,7 +57,7 @@ def load_rows(
         rows = _load_directory(path, split, subset)
     elif os.path.isfile(local):
         rows = _load_files(path, [local], split, subset)
-    elif _looks_local(path):
+    elif looks_local(path):
         raise PrefoptError(
             f"{path}: no such file or directory; check data.path (relative paths start at "
             f"the current directory, {os.getcwd()})"
@@ -62,12 +66,18 @@ def load_rows(
         rows = _load_hub(path, split, subset)
     if len(rows) == 0:
         raise PrefoptError(f"{path}: split '{split}' has no rows; point data.path at a file with data")
+    check_utf8(path, split, rows, _local_files(path))
     return rows
 
 
-def _looks_local(path: str) -> bool:
-    """Whether ``path`` can only be a local path: a hub id is ``name`` or ``org/name``, with no suffix."""
-    if path.startswith((".", "/", "~")) or "\\" in path:
+def looks_local(path: str) -> bool:
+    """Whether ``path`` (of a dataset or a model) can only be a local path, never a hub id.
+
+    A hub id is ``name`` or ``owner/name``: so a path that starts with ``.``, ``/`` or ``~``, is absolute,
+    holds a backslash or more than one ``/``, or ends in a data-file suffix (``.jsonl``, ``.parquet.gz``, ...)
+    is local. Anything else may be either, and is left to whoever loads it.
+    """
+    if path.startswith((".", "/", "~")) or "\\" in path or os.path.isabs(path):
         return True
     return _builder_for(path) is not None or path.count("/") > 1
 
@@ -78,6 +88,16 @@ def _builder_for(file: str) -> str | None:
     for compression in COMPRESSIONS:
         name = name.removesuffix(compression)
     return BUILDERS.get(os.path.splitext(name)[1])
+
+
+def _local_files(path: str) -> list[str]:
+    """The local data files ``path`` names (none for a hub id), in the order they are read."""
+    local = os.path.expanduser(path)
+    if glob.has_magic(local):
+        return _expand_glob(path)
+    if os.path.isdir(local):
+        return _data_files(local)
+    return [local] if os.path.isfile(local) else []
 
 
 def _expand_glob(pattern: str) -> list[str]:
@@ -119,7 +139,7 @@ def _load_directory(path: str, split: str, subset: str | None) -> datasets.Datas
     local = os.path.expanduser(path)
     if _is_saved_dataset(local):
         return _load_saved(path, split)
-    if not _has_data_files(local):
+    if not _data_files(local):
         raise PrefoptError(
             f"{path}: the directory holds no {SUPPORTED} files; add files named by split "
             f"(train.jsonl, test.jsonl) or point data.path at a file"
@@ -137,12 +157,12 @@ def _is_saved_dataset(directory: str) -> bool:
     return all(os.path.isfile(os.path.join(directory, f)) for f in ("state.json", "dataset_info.json"))
 
 
-def _has_data_files(directory: str) -> bool:
-    for _, dirs, files in os.walk(directory):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # skips .git and .cache
-        if any(_builder_for(file) for file in files):
-            return True
-    return False
+def _data_files(directory: str) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skips .git and .cache
+        found += [os.path.join(root, file) for file in sorted(files) if _builder_for(file)]
+    return found
 
 
 def _load_saved(path: str, split: str) -> datasets.Dataset:
@@ -150,6 +170,8 @@ def _load_saved(path: str, split: str) -> datasets.Dataset:
     try:
         saved = datasets.load_from_disk(os.path.expanduser(path))
     except Exception as exc:
+        if isinstance(_innermost(exc), PermissionError):
+            raise _denied(path, _innermost(exc)) from exc
         raise PrefoptError(
             f"{path}: could not read the saved dataset ({_root_cause(exc)}); save it again with save_to_disk"
         ) from exc
@@ -186,18 +208,34 @@ def _load_hub(path: str, split: str, subset: str | None) -> datasets.Dataset:
 def _select_split(path: str, split: str, load: Callable, reading: str) -> datasets.Dataset:
     """``load(None)`` gives every split (datasets prepares them all anyway); check the name, then slice."""
     try:
-        splits = load(None)
-        name = split.split("[", 1)[0]
-        if name not in splits:
-            raise _unknown_split(path, split, list(splits))
-        return splits[name] if name == split else load(split)
+        with _builders_quiet():
+            splits = load(None)
+            name = split.split("[", 1)[0]
+            if name not in splits:
+                raise _unknown_split(path, split, list(splits))
+            return splits[name] if name == split else load(split)
     except (PrefoptError, ConnectionError, datasets.exceptions.DatasetNotFoundError):
         raise  # _load_hub words the hub's failures
     except Exception as exc:
         # datasets says "Instruction 'train' corresponds to no data!" for files with no rows
         if "corresponds to no data" in str(exc):
             raise PrefoptError(f"{path}: no rows; point data.path at a file with data") from exc
+        if isinstance(_innermost(exc), UnicodeDecodeError):  # the CSV reader decodes as it reads
+            raise not_utf8(path, split, _local_files(path)) from exc
         raise _unreadable(path, reading, exc) from exc
+
+
+@contextlib.contextmanager
+def _builders_quiet():
+    """datasets' file readers log a failure ("Failed to read file ...") before raising it; the raise is
+    worded here as the one line the user sees, so the log would only be a second line saying less."""
+    logger = logging.getLogger("datasets.packaged_modules")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _unknown_split(path: str, split: str, available: list[str]) -> PrefoptError:
@@ -209,15 +247,29 @@ def _unknown_split(path: str, split: str, available: list[str]) -> PrefoptError:
 
 
 def _unreadable(path: str, reading: str, exc: BaseException) -> PrefoptError:
+    if isinstance(_innermost(exc), PermissionError):
+        return _denied(path, _innermost(exc))
     config_hint = ""
     if "BuilderConfig" in str(exc) or "Config name is missing" in str(exc):
         config_hint = "; set data.subset to one of the dataset's configurations"
     return PrefoptError(f"{path}: could not read it {reading}: {_root_cause(exc)}{config_hint}")
 
 
-def _root_cause(exc: BaseException) -> str:
-    """First line of the innermost chained exception: datasets wraps the parser's useful message."""
+def _denied(path: str, exc: PermissionError) -> PrefoptError:
+    """Not "check that it is valid json": the file may be fine, it is the permissions that stop the read."""
+    file = exc.filename or path
+    return PrefoptError(f"{file}: permission denied; make the file readable (chmod u+r {file})")
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The innermost chained exception: datasets wraps the parser's (or the OS's) useful one."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
+    return exc
+
+
+def _root_cause(exc: BaseException) -> str:
+    """First line of the innermost chained exception."""
+    exc = _innermost(exc)
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

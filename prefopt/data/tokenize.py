@@ -25,7 +25,7 @@ import hashlib
 import json
 import sys
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,27 +82,11 @@ def tokenize_examples(
     skipped = dict(skipped or {})
     first_skipped_row = dict(first_skipped_row or {})
 
-    rendered = []
-    for example in examples:
-        text = _render(example, tokenizer, source)
-        if isinstance(text, str):
-            count_unusable(skipped, first_skipped_row, text, example.row)
-        else:
-            rendered.append(text)
+    def unusable(reason: str, row: int) -> None:
+        count_unusable(skipped, first_skipped_row, reason, row)
 
-    pairs = []
-    encoded = _encode(rendered, tokenizer)
-    for text, (prompt_ids, chosen_ids, rejected_ids) in zip(rendered, encoded, strict=True):
-        prompt_ids = _without_doubled_bos(prompt_ids, tokenizer.bos_token_id)
-        if append_eos and not text.prompt_only:
-            chosen_ids = _with_eos(chosen_ids, text.chosen, tokenizer)
-            rejected_ids = _with_eos(rejected_ids, text.rejected, tokenizer)
-        pair = _truncate(text, prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
-        if isinstance(pair, str):
-            count_unusable(skipped, first_skipped_row, pair, text.row)
-        else:
-            pairs.append(pair)
-
+    rendered = _render_all(examples, tokenizer, source, unusable)
+    pairs = _tokenize_rendered(rendered, tokenizer, append_eos, max_length, max_prompt_length, unusable)
     if skipped and invalid_rows == "error":
         raise _unusable_rows_error(source, skipped, first_skipped_row, max_prompt_length)
     if not pairs:
@@ -112,6 +96,41 @@ def tokenize_examples(
         )
     settings = {"max_length": max_length, "max_prompt_length": max_prompt_length, "append_eos": append_eos}
     return TokenizedPairs(source, pairs, skipped, first_skipped_row, _fingerprint(tokenizer, settings, pairs))
+
+
+def _render_all(
+    examples: Sequence[PreferenceExample], tokenizer: Any, source: str, unusable: Callable[[str, int], None]
+) -> list[_RenderedPair]:
+    """Every example as text; one that cannot be rendered is passed to ``unusable`` with its reason."""
+    rendered = []
+    for example in examples:
+        text = _render(example, tokenizer, source)
+        if isinstance(text, str):
+            unusable(text, example.row)
+        else:
+            rendered.append(text)
+    return rendered
+
+
+def _tokenize_rendered(
+    rendered: list[_RenderedPair], tokenizer: Any, append_eos: bool, max_length: int, max_prompt_length: int | None,
+    unusable: Callable[[str, int], None],
+) -> list[TokenizedPair]:
+    """Token ids of every rendered example, EOS appended and truncated; one left unusable by truncation is
+    passed to ``unusable`` with its reason."""
+    pairs = []
+    encoded = _encode(rendered, tokenizer)
+    for text, (prompt_ids, chosen_ids, rejected_ids) in zip(rendered, encoded, strict=True):
+        prompt_ids = _without_doubled_bos(prompt_ids, tokenizer.bos_token_id)
+        if append_eos and not text.prompt_only:
+            chosen_ids = _with_eos(chosen_ids, text.chosen, tokenizer)
+            rejected_ids = _with_eos(rejected_ids, text.rejected, tokenizer)
+        pair = _truncate(text, prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
+        if isinstance(pair, str):
+            unusable(pair, text.row)
+        else:
+            pairs.append(pair)
+    return pairs
 
 
 def _check_settings(

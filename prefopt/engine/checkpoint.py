@@ -5,10 +5,15 @@ A checkpoint is a directory ``<run>/checkpoints/step-<N>`` holding
 - ``optimizer.pt``: the optimizer state (tensors and numbers only: loaded with ``weights_only=True``);
 - ``rng.safetensors``: the CPU (and CUDA) random-generator states, so dropout continues identically;
 - ``state.json``: the step, the loss plugin's running state and the trainer's counters;
-- ``reference.safetensors``: a following reference's weights (``reference.sync``), when the run has one.
+- ``reference.safetensors``: a following reference's weights (``reference.sync``), when the run has one;
+- ``recipe.yaml``: the recipe the run trained under up to here, so a resume can refuse another recipe;
+- ``.prefopt``: the marker that says prefopt wrote the folder (rotation deletes only marked folders);
+- ``MANIFEST.json``: every file's sha256 and size, written last (``prefopt.integrity``).
 It is written under a temporary name and renamed into place, so a crash (even SIGKILL) leaves either
-the previous checkpoints or a complete new one. Data order needs no saving: it is a function of the
-seed and the epoch.
+the previous checkpoints or a complete new one; a temporary folder left by a killed writer is removed when
+the run starts again (``prefopt.locks.claim_run_dir``). Damage after the write (a truncated copy, a flipped
+bit) is found by the manifest when the run resumes: the damaged checkpoint is reported and the previous
+intact one is resumed. Data order needs no saving: it is a function of the seed and the epoch.
 
 Under DDP every process holds the same weights and optimizer state, so the main process writes them
 and the checkpoint resumes on any number of processes. Under FSDP and DeepSpeed each process holds its
@@ -19,21 +24,27 @@ processes is accelerate's rule (FSDP's ``fsdp_state_dict_type``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from prefopt.disk import writing
+from prefopt.engine.markers import is_marked, write_marker
 from prefopt.errors import PrefoptError
+from prefopt.integrity import MANIFEST_NAME, verify_manifest, write_manifest
+from prefopt.paths import replace_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+NO_MANIFEST = f"no {MANIFEST_NAME}"
 
 
 @dataclass
@@ -44,6 +55,9 @@ class TrainerState:
     # Named sets of tensors that are neither model nor optimizer (a following reference's weights), each
     # written as <name>.safetensors by the main process.
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    recipe: str = ""  # the run's recipe as YAML, saved beside the state it produced
+    # The non-finite guard's counts (``skipped_steps``, ``nonfinite_in_a_row``), so a resumed run goes on counting.
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -51,7 +65,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first."""
+    """A run's checkpoint folders (each was complete when it was renamed into place), oldest first."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
@@ -59,9 +73,42 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = checkpoints(run_dir)
-    return found[-1][1] if found else None
+def latest_checkpoint(run_dir: Path, say: Callable[[str], None] = lambda message: None) -> Path | None:
+    """The newest checkpoint whose files match its manifest, or None when the run has none.
+
+    A damaged one (a file truncated, changed or missing since it was written) is reported through ``say`` and
+    the one before it is tried; when every checkpoint is damaged, a one-line error lists them. A checkpoint
+    without a manifest was written by a prefopt older than manifests: it is resumed unverified, with a note,
+    rather than refused, so a run started before an upgrade still resumes (the atomic rename already
+    guaranteed it was complete when written; only later damage goes unseen).
+    """
+    damaged = []
+    for _, path in reversed(checkpoints(run_dir)):
+        problems = verify_manifest(path)
+        if problems == [NO_MANIFEST] and (path / "state.json").is_file():
+            say(f"checkpoint {path} has no {MANIFEST_NAME} (written by an older prefopt): resuming it unverified")
+            return path
+        if not problems:
+            return path
+        damaged.append(f"{path.name}: {', '.join(problems)}")
+        say(f"checkpoint {path} is damaged ({', '.join(problems)}); trying the one before it")
+    if damaged:
+        raise PrefoptError(
+            f"no intact checkpoint in {run_dir / 'checkpoints'} ({'; '.join(damaged)}); restore the folder from a "
+            "copy, or move it aside to train from the start"
+        )
+    return None
+
+
+def check_intact(path: Path) -> None:
+    """Refuse a named checkpoint (``--resume-from``) that is not a checkpoint or does not match its manifest."""
+    if not (path / "state.json").is_file():
+        raise PrefoptError(f"--resume-from {path}: not a checkpoint folder (no state.json); name a "
+                           "<output.dir>/checkpoints/step-N folder")
+    problems = verify_manifest(path)
+    if problems and problems != [NO_MANIFEST]:
+        raise PrefoptError(f"--resume-from {path}: the checkpoint is damaged ({', '.join(problems)}); name an "
+                           "intact one, e.g. the one before it")
 
 
 def save_checkpoint(
@@ -73,24 +120,51 @@ def save_checkpoint(
     tmp = root / f".step-{state.step:07d}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
-    _save_tensors(tmp, state)
-    (tmp / "state.json").write_text(
-        json.dumps({"step": state.step, "loss_state": state.loss_state, "extra": state.extra}, indent=1)
-    )
-    _fsync_dir(tmp)
-    if final.exists():  # a re-run of the same step: replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    for _, old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    with _written_whole(tmp, final):
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / "rng.safetensors"))
+        _save_tensors(tmp, state)
+        _finish_folder(tmp, state)
+    replace_dir(tmp, final)  # a re-run of the same step replaces it whole
+    rotate(run_dir, state.step, keep)
     return final
+
+
+def _finish_folder(tmp: Path, state: TrainerState) -> None:
+    """The state, the recipe and the marker, then the manifest over every file: last, as it marks the folder
+    complete."""
+    meta = {"step": state.step, "loss_state": state.loss_state, "extra": state.extra, "counters": state.counters}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    if state.recipe:
+        (tmp / "recipe.yaml").write_text(state.recipe)
+    write_marker(tmp, "checkpoint")
+    write_manifest(tmp)
+
+
+@contextlib.contextmanager
+def _written_whole(tmp: Path, final: Path) -> Iterator[None]:
+    """Remove ``tmp`` when writing it fails, so no half-written folder stays behind (the earlier checkpoints
+    are untouched); a full disk or a refused write is a one-line error naming the checkpoint. A writer killed
+    outright leaves ``tmp`` for the next run's start to remove (``prefopt.locks.claim_run_dir``)."""
+    try:
+        with writing(final, "checkpoint", elsewhere="output.dir"):
+            yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def rotate(run_dir: Path, newest: int, keep: int) -> None:
+    """Delete checkpoints older than step ``newest`` but the ``keep - 1`` newest of them. Only folders prefopt
+    marked are counted or deleted; a newer folder (a damaged one the run fell back from) is left for the run
+    to replace when it gets there, so the checkpoint just written is never the one deleted."""
+    older = [path for step, path in checkpoints(run_dir) if step < newest and is_marked(path, "checkpoint")]
+    for path in older[: max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
@@ -118,8 +192,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states)
+    return _read_state(path)
+
+
+def _read_state(path: Path) -> TrainerState:
     meta = json.loads((path / "state.json").read_text())
-    return TrainerState(meta["step"], meta.get("loss_state", {}), meta.get("extra", {}))
+    return TrainerState(meta["step"], meta.get("loss_state", {}), meta.get("extra", {}),
+                        counters=meta.get("counters", {}))
 
 
 def save_accelerate_checkpoint(run_dir: Path, accelerator, state: TrainerState, keep: int) -> Path:
@@ -135,17 +214,11 @@ def save_accelerate_checkpoint(run_dir: Path, accelerator, state: TrainerState, 
     accelerator.save_state(str(tmp))  # model, optimizer and each process's random-generator states
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "state.json").write_text(
-            json.dumps({"step": state.step, "loss_state": state.loss_state, "extra": state.extra}, indent=1)
-        )
-        _save_tensors(tmp, state)
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for _, old in checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        with _written_whole(tmp, final):
+            _save_tensors(tmp, state)
+            _finish_folder(tmp, state)  # the manifest covers every process's files, written before the barrier
+        replace_dir(tmp, final)
+        rotate(run_dir, state.step, keep)
     accelerator.wait_for_everyone()
     return final
 
@@ -157,8 +230,7 @@ def load_accelerate_checkpoint(path: Path, accelerator) -> TrainerState:
             "resume it with the launch config it was written with, or use a new output.dir"
         )
     accelerator.load_state(str(path))
-    meta = json.loads((path / "state.json").read_text())
-    return TrainerState(meta["step"], meta.get("loss_state", {}), meta.get("extra", {}))
+    return _read_state(path)
 
 
 def _save_tensors(directory: Path, state: TrainerState) -> None:
@@ -173,15 +245,3 @@ def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
         raise PrefoptError(f"checkpoint {path} has no {file.name}; it was written by a run without this state "
                            "(was reference.sync added?); use a new output.dir")
     return load_file(str(file))
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable; a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 from prefopt.engine.distributed import accelerate_owns_state
 from prefopt.engine.evaluation import evaluate_pairs, evaluate_task
 from prefopt.engine.metrics import PairMetrics
+from prefopt.engine.nonfinite import loss_state_before, step_is_finite, take_nonfinite_step
+from prefopt.engine.optim import learning_rate_at
 from prefopt.engine.outputs import save
 from prefopt.engine.records import format_metrics, record
 from prefopt.engine.run import Run
@@ -29,12 +31,11 @@ from prefopt.forward.layouts import row_length
 from prefopt.reference.setup import sync_due
 
 
-
-
 def step_pairs(run: Run, step: int) -> list[int]:
-    """The pairs of optimizer step ``step`` (all processes)."""
-    if run.pairs_of_step is not None:
-        return run.pairs_of_step(step)
+    """The pairs of optimizer step ``step`` (all processes): the run's phase's, or the seeded plan."""
+    chosen = run.phase.pairs_of_step(step)
+    if chosen is not None:
+        return chosen
     return planned_pairs(run.recipe.seed, len(run.train_pairs), run.recipe.train.batch_size, step)
 
 
@@ -68,19 +69,13 @@ def process_micro_batches(run: Run, step: int) -> list[list[int]]:
 
 
 def learning_rate(run: Run, step: int) -> float:
-    t = run.recipe.train
-    if step < t.warmup_steps:
-        return t.learning_rate * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, run.total_steps - t.warmup_steps)
-    if t.lr_scheduler == "linear":
-        return t.learning_rate * max(0.0, 1.0 - progress)
-    if t.lr_scheduler == "cosine":
-        return t.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return t.learning_rate
+    """The rate of 0-based step ``step``: a function of the step alone, so a resumed run continues the schedule."""
+    return learning_rate_at(run.recipe, run.total_steps, step)
 
 
 def train_step(run: Run, step: int) -> dict[str, float]:
-    """One optimizer step; returns the step's metrics averaged over all its pairs."""
+    """One optimizer step; returns the step's metrics averaged over all its pairs. A step whose loss or gradient
+    norm is not finite is not applied (``nonfinite.py``): it stops the run, or is skipped and counted."""
     acc, t = run.accelerator, run.recipe.train
     micro_batches = process_micro_batches(run, step)
     # Sum of per-pair losses over the global step, times the world size because DDP averages gradients.
@@ -89,6 +84,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
 
+    loss_state = loss_state_before(run)
     metrics, tokens, started = PairMetrics(), 0, time.perf_counter()
     for i, indices in enumerate(micro_batches):
         batch = collate_pairs([run.train_pairs.pairs[j] for j in indices], indices, run.tokenizer.pad_token_id)
@@ -108,7 +104,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm is not None else math.inf)
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-    run.optimizer.step()
+    finite = step_is_finite(run, metrics.sums["loss"], grad_norm)  # this process's sum of per-pair losses
+    if finite:
+        run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     if sync_due(run.recipe, step + 1):
         sync = run.recipe.reference.sync
@@ -121,6 +119,12 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else math.nan, epoch=(step + 1) / run.steps_per_epoch,
         tokens_per_s=metrics.total("tokens") / elapsed, pairs_per_s=t.batch_size / elapsed,
     )
+    if not finite:
+        take_nonfinite_step(run, step, values, loss_state)  # stops the run, or counts the step as skipped
+    else:
+        run.nonfinite_in_a_row = 0
+    if t.on_nonfinite == "skip_step":
+        values.update(skipped=float(not finite), skipped_steps=run.skipped_steps)
     return values
 
 
@@ -139,11 +143,10 @@ def fit(run: Run, *, show_progress: bool = True) -> None:
         disable=not (show_progress and run.is_main), dynamic_ncols=True,
     )
     for step in range(run.start_step, run.total_steps):
-        if run.before_step is not None:
-            record(run, metrics_file, step, run.before_step(run, step), before_step=True)
+        # an algorithm's phase works around each step (a plain run's phase does nothing and measures nothing)
+        record(run, metrics_file, step, run.phase.before_step(run.context, step), before_step=True)
         values = train_step(run, step)
-        if run.after_step is not None:
-            run.after_step(run, step)
+        run.phase.after_step(run.context, step)
         done = step + 1
         if done % r.train.log_every == 0 or done == run.total_steps:
             record(run, metrics_file, done, values)

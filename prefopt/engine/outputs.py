@@ -6,14 +6,21 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
+from prefopt.api.algorithm import RESERVED_TENSOR_SETS
 from prefopt.engine import checkpoint as ckpt
 from prefopt.engine.distributed import accelerate_owns_state
 from prefopt.engine.evaluation import evaluate_pairs, evaluate_task
+from prefopt.engine.markers import MARKER_NAME, is_marked, write_marker
+from prefopt.engine.nonfinite import check_finite_weights
 from prefopt.engine.records import format_metrics, record
+from prefopt.disk import writing
 from prefopt.engine.run import Run
+from prefopt.errors import PrefoptError
+from prefopt.locks import release_run_dir
 from prefopt.models.loading import is_peft
+from prefopt.paths import replace_dir
+from prefopt.recipe import dump_recipe
 
 log = logging.getLogger(__name__)
 
@@ -21,15 +28,21 @@ log = logging.getLogger(__name__)
 def save(run: Run, step: int) -> None:
     """A checkpoint. Under DDP every process holds the same weights and optimizer state, so the main process
     writes them; the loss's running state is the main process's too (each process keeps its own). Under FSDP
-    and DeepSpeed every process writes its part through accelerate."""
+    and DeepSpeed every process writes its part through accelerate. Weights that are not finite are never
+    written (``check_finite_weights``)."""
+    check_finite_weights(run, step)
     tensors = {}
     if run.reference is not None and run.reference.following is not None:
         tensors["reference"] = run.reference.following.weights.state_dict()  # the followed weights
-    extra: dict[str, Any] = {}
-    if run.checkpoint_state is not None:
-        extra, algorithm_tensors = run.checkpoint_state()
-        tensors.update(algorithm_tensors)
-    state = ckpt.TrainerState(step=step, loss_state=run.loss.state_dict(), extra=extra, tensors=tensors)
+    extra, phase_tensors = run.phase.checkpoint_state()  # an algorithm's own state, e.g. a replay buffer
+    clashing = sorted(RESERVED_TENSOR_SETS & phase_tensors.keys())
+    if clashing:
+        raise ValueError(f"{type(run.phase).__name__}.checkpoint_state names tensor sets {clashing}, which the "
+                         "engine's own checkpoint files use; rename them")
+    tensors.update(phase_tensors)
+    counters = {"skipped_steps": run.skipped_steps, "nonfinite_in_a_row": run.nonfinite_in_a_row}
+    state = ckpt.TrainerState(step=step, loss_state=run.loss.state_dict(), extra=extra, tensors=tensors,
+                              recipe=dump_recipe(run.recipe), counters=counters)
     keep = run.recipe.train.keep_checkpoints
     if accelerate_owns_state(run.accelerator):
         path = ckpt.save_accelerate_checkpoint(run.run_dir, run.accelerator, state, keep)
@@ -61,8 +74,11 @@ def finish(run: Run, *, end_training: bool = True) -> dict:
         skipped_rows=run.train_pairs.skipped,
         eval_end=final,
     )
+    if run.recipe.train.on_nonfinite == "skip_step":
+        run.summary["skipped_steps"] = run.skipped_steps
     if run.is_main:
         (run.run_dir / "summary.json").write_text(json.dumps(run.summary, indent=1))
+    release_run_dir(run.run_dir)  # another process may write output.dir now
     if end_training:
         run.accelerator.end_training()  # also ends the process group, so a distributed run exits cleanly
     else:
@@ -73,10 +89,11 @@ def finish(run: Run, *, end_training: bool = True) -> dict:
 
 def save_model(run: Run) -> Path:
     """The model in Hugging Face format, written by the main process (every process calls this: under FSDP and
-    DeepSpeed gathering the weights is a collective call)."""
+    DeepSpeed gathering the weights is a collective call). It replaces a ``model/`` only if prefopt wrote it."""
     acc = run.accelerator
-    full = acc.get_state_dict(run.policy) if accelerate_owns_state(acc) else None
     target = run.run_dir / "model"
+    check_model_dir(target)
+    full = acc.get_state_dict(run.policy) if accelerate_owns_state(acc) else None
     if not run.is_main:
         return target
     model = acc.unwrap_model(run.policy)
@@ -86,8 +103,20 @@ def save_model(run: Run) -> Path:
         # In place: training is over and the last checkpoint (adapter weights) is already on disk, so no
         # second copy of the model is needed.
         model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full} if full is not None else {}))
-    run.tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with writing(target, "the model", elsewhere="output.dir", cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full} if full is not None else {}))
+        run.tokenizer.save_pretrained(tmp)
+        write_marker(tmp, "model")
+        replace_dir(tmp, target)  # the old model stays whole until the new one is complete
     return target
+
+
+def check_model_dir(target: Path) -> None:
+    """Refuse to replace a ``model/`` that prefopt did not write (the user's own files): checked when a run
+    starts, so a long run does not end on it, and again before the model is written."""
+    if not target.exists() or is_marked(target, "model") or (target.is_dir() and not any(target.iterdir())):
+        return
+    raise PrefoptError(
+        f"{target} holds files prefopt did not write (no {MARKER_NAME} marker), and the run would replace it with "
+        "its final model; move that folder elsewhere, or set output.save_model=false"
+    )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from prefopt.api.algorithm import Phase, PhaseContext
 from prefopt.api.loss import PreferenceLoss
 from prefopt.api.task import Task, TaskData
 from prefopt.data.types import TokenizedPairs
@@ -17,7 +19,8 @@ from prefopt.reference.setup import References
 
 @dataclass
 class Run:
-    """Everything ``fit`` and ``finish`` need, built by ``setup``."""
+    """Everything ``fit`` and ``finish`` need, built by ``setup``. An algorithm never assigns its fields: its
+    ``phase`` (the plain ``Phase()`` when there is none) acts through ``context``."""
 
     recipe: Any
     accelerator: Any
@@ -36,16 +39,16 @@ class Run:
     steps_per_epoch: int
     accumulation: int
     summary: dict = field(default_factory=dict)
-    resumed_from: Path | None = None  # the checkpoint this run continues, if any
-    resumed_extra: dict = field(default_factory=dict)  # that checkpoint's ``extra`` (an algorithm's state)
-    # Seams for algorithm plugins that change the data while training (online variants), all optional:
-    # which pairs optimizer step ``step`` takes (default: a seeded permutation of train_pairs per epoch) ...
-    pairs_of_step: Callable[[int], list[int]] | None = None
-    # ... work before each step (sampling a round) returning metrics to record at that step, work after it
-    # (an EMA update), and the state an algorithm adds to each checkpoint: (json-able extra, tensor sets).
-    before_step: Callable[["Run", int], dict[str, float]] | None = None
-    after_step: Callable[["Run", int], None] | None = None
-    checkpoint_state: Callable[[], tuple[dict, dict[str, dict[str, torch.Tensor]]]] | None = None
+    train_rows: Any = None  # the source rows the training pairs' ``row`` numbers index
+    phase: Phase = field(default_factory=Phase)  # what an algorithm changes in this run; hooks the loop calls
+    # train.on_nonfinite=skip_step's counts (nonfinite.py), kept in every checkpoint
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+
+    @cached_property
+    def context(self) -> PhaseContext:
+        """The view of this run that the phase's hooks are handed."""
+        return PhaseContext(self)
 
     @property
     def reference(self):

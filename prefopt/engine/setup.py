@@ -1,60 +1,107 @@
-"""``setup``: everything a run needs, built from a recipe, and a checkpoint restored when there is one."""
+"""``setup``: a run built from a recipe by a list of named builders, and a checkpoint restored when there is one.
+
+Each builder does one thing and takes what the ones before it built; ``setup`` reads as their list. The
+order matters: the loss comes first (it can fail on options, and the data takes the shape it declares),
+the data before the model's weights (a bad file fails before a slow load), the extra references' caches
+before the policy (so none of them is in memory beside it), and the seed is set before anything random.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from prefopt.api.task import TaskContext
+from prefopt.api.algorithm import Phase
+from prefopt.api.task import Task, TaskContext, TaskData
 from prefopt.data.splits import load_split
 from prefopt.data.types import TokenizedPairs
 from prefopt.engine import checkpoint as ckpt
+from prefopt.engine import optim
 from prefopt.engine.distributed import (
     accelerate_owns_state, check_distributed, configure_deepspeed, cpu_processes, sharded_params,
 )
+from prefopt.engine.markers import write_marker
+from prefopt.engine.outputs import check_model_dir
 from prefopt.engine.records import flat_config, truncate_metrics
+from prefopt.engine.resuming import check_same_recipe, checkpoint_to_resume
 from prefopt.engine.run import Run
 from prefopt.errors import PrefoptError
+from prefopt.locks import claim_run_dir
 from prefopt.models.loading import add_lora, load_causal_lm, load_tokenizer, resolve_model_path
 from prefopt.paths import cache_dir
 from prefopt.recipe import build_loss, dump_recipe
-from prefopt.reference.setup import assemble, build_extra_caches, build_primary, check_reference_recipe
+from prefopt.reference.setup import (
+    References, assemble, build_extra_caches, build_primary, check_reference_recipe,
+)
 from prefopt.registry.loading import Plugins, default_plugins
 
 log = logging.getLogger(__name__)
 
 
-def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
-          select_train: Callable[[TokenizedPairs, Any], TokenizedPairs] | None = None,
-          data_model: str | None = None, reference_follows_policy: bool = False,
-          plans_own_steps: bool = False, pairs_from_prompts: bool = False) -> Run:
-    """Everything a run needs, from a recipe. For algorithm plugins, which run the engine in phases:
-    ``select_train(pairs, rows)`` picks the training pairs of this phase (``rows`` are the source rows the
-    pairs' ``row`` numbers index), ``data_model`` is the model a task builds its data with (default: the
-    policy's initial model), so every phase trains on the same data, and ``reference_follows_policy`` gives
-    a loss that needs a reference one that the algorithm syncs from the policy itself
-    (``run.reference.following.sync``), as iterative DPO does between rounds, and ``plans_own_steps`` says
-    that the algorithm sets ``run.total_steps`` and the pairs of each step itself (so the data's epoch
-    arithmetic is not printed: it would describe a schedule that does not run), and ``pairs_from_prompts``
-    says that the algorithm reads only the training data's prompts and makes every pair it trains on itself
-    (samples and judges responses), so prompt-only training data (``data.format: prompt_only``) is accepted:
-    ``run.train_pairs`` then holds prompts with empty responses, which the algorithm must replace before the
-    first step, with a live or following reference (a reference cache is built from the data's responses;
-    ``collate_pairs`` refuses response-less pairs wherever they would be scored). Without it prompt-only training data is refused. Prompt-only held-out data has no pairs to
-    score: it is dropped with a note, and only a task's metrics are evaluated."""
+def setup(recipe, plugins: Plugins | None = None, *, phase: Phase | None = None, show_progress: bool = True,
+          resume_from: str | Path | None = None) -> Run:
+    """Everything a run needs, from a recipe, with a checkpoint restored when ``output.resume`` finds one (or
+    ``resume_from``, a checkpoint folder, names one), if the recipe is the one that checkpoint trained under.
+
+    ``phase`` is what an algorithm changes in this run (``prefopt.Phase``: which pairs, the model a task's
+    data is built with, a reference the algorithm moves, prompt-only data, its own step plan, and hooks
+    around each step); without one the run is one plain pass over the recipe's data. A recipe that still
+    holds an ``algorithm`` section is refused: the algorithm runs through ``prefopt.engine.run``.
+    """
+    plugins, phase = plugins or default_plugins(), phase or Phase()
+    refuse_algorithm_section(recipe)
+    accelerator = build_accelerator(recipe)
+    say = build_say(accelerator)
+    show_progress = show_progress and accelerator.is_main_process
+    claim_run_dir(Path(recipe.output.dir), say, main_process=accelerator.is_main_process)  # one writer at a time
+    checkpoint = prepare_run_dir(recipe, plugins, accelerator, resume_from, say)
+    loss = build_checked_loss(recipe, plugins, accelerator)
+    models = ModelLoader(recipe, accelerator)
+    data = build_data(recipe, plugins, phase, models, loss, accelerator, say, show_progress)
+    extra_references = build_extra_references(recipe, models.tokenizer, data, accelerator, say, show_progress)
+    policy = build_policy(recipe, models, accelerator)
+    references = build_references(recipe, phase, loss, accelerator, policy, models.tokenizer, data,
+                                  extra_references, say, show_progress)
+    optimizer = build_optimizer(recipe, [p for p in policy.parameters() if p.requires_grad])
+    policy, optimizer, accumulation = prepare_for_training(recipe, accelerator, policy, optimizer)
+    steps_per_epoch, total_steps = plan_epochs(recipe, data.train, phase, say)
+    run = Run(
+        recipe=recipe, accelerator=accelerator, run_dir=Path(recipe.output.dir), tokenizer=models.tokenizer,
+        policy=policy, optimizer=optimizer, loss=loss, train_pairs=data.train, eval_pairs=data.eval,
+        references=references, task=data.task, task_data=data.task_data, start_step=0, total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch, accumulation=accumulation,
+        summary={"reference": references.info if references is not None else None},
+        train_rows=data.train_rows, phase=phase,
+    )
+    extra = resume(run, checkpoint)
+    start_records(run)
+    start_phase(run, checkpoint, extra)
+    return run
+
+
+def refuse_algorithm_section(recipe) -> None:
+    """A recipe with an algorithm runs through that algorithm, which sets up the engine itself."""
+    if recipe.algorithm is not None:
+        raise PrefoptError(
+            f"this recipe runs algorithm {recipe.algorithm.name!r}: use prefopt.engine.run(recipe) or `prefopt "
+            "train` to run it; an algorithm's own runs take a recipe derived without that section "
+            "(prefopt.derive_recipe(recipe, plugins, {'algorithm': None}, source)), as engine.run would start "
+            "the algorithm again"
+        )
+
+
+def build_accelerator(recipe):
+    """A fresh accelerate state for this run (precision, trackers, CPU or not), seeded."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
-    plugins = plugins or default_plugins()
-    if recipe.algorithm is not None:
-        raise PrefoptError(f"this recipe runs algorithm {recipe.algorithm.name!r}: use prefopt.engine.run (or "
-                           "`prefopt train`), which drives the engine through it")
-    run_dir = Path(recipe.output.dir)
     # accelerate keeps one global state per process; runs in one process (benchmarks, tests) each set their
     # own precision, so start from a clean one. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -63,150 +110,127 @@ def setup(recipe, plugins: Plugins | None = None, *, show_progress: bool = True,
         cpu=cpu_processes(),
         mixed_precision=recipe.train.mixed_precision,
         log_with=list(recipe.output.trackers) or None,
-        project_dir=str(run_dir),
+        project_dir=str(Path(recipe.output.dir)),
     )
     check_distributed(recipe, accelerator)
     set_seed(recipe.seed)
-    say = (lambda m: tqdm.write(m)) if accelerator.is_main_process else (lambda m: None)
-    show_progress = show_progress and accelerator.is_main_process
+    return accelerator
 
-    resume_from = ckpt.latest_checkpoint(run_dir) if recipe.output.resume == "auto" else None
-    if recipe.output.resume == "never" and ckpt.checkpoints(run_dir):
-        raise PrefoptError(
-            f"output.dir {run_dir} already holds checkpoints; set output.resume=auto to continue that run "
-            "or choose another output.dir"
-        )
+
+def build_say(accelerator) -> Callable[[str], None]:
+    """Print a line on the main process only (above any progress bar)."""
+    return tqdm.write if accelerator.is_main_process else (lambda message: None)
+
+
+def prepare_run_dir(recipe, plugins: Plugins, accelerator, resume_from, say) -> Path | None:
+    """The run directory, marked as prefopt's, with the recipe written into it; returns the checkpoint to resume
+    from, if any. The recipe is compared with that checkpoint's before ``recipe.yaml`` is replaced, and a
+    ``model/`` the run could not replace at its end is refused now rather than after training."""
+    run_dir = Path(recipe.output.dir)
+    checkpoint = checkpoint_to_resume(recipe, resume_from, say)
+    if checkpoint is not None:
+        check_same_recipe(recipe, checkpoint, plugins, say)
+    if recipe.output.save_model:
+        check_model_dir(run_dir / "model")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        write_marker(run_dir, "run")
         (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    return checkpoint
 
-    # The loss comes first: its construction can fail on options, and the data takes the shape it declares
-    # (pairs, or unpaired examples).
+
+def build_checked_loss(recipe, plugins: Plugins, accelerator):
+    """The recipe's loss plugin, with the reference settings it needs (or refuses) checked."""
     loss = build_loss(recipe, plugins)
     if loss.requires_reference:
         check_reference_recipe(recipe, loss, sharded_params(accelerator))
     elif recipe.reference.extra or recipe.reference.sync is not None:
         raise PrefoptError(f"loss {loss.name!r} uses no reference; remove reference.extra and reference.sync")
+    return loss
 
-    # Model and tokenizer. The embedded default is converted once into the cache on first use.
-    with accelerator.main_process_first():
-        model_path = resolve_model_path(recipe.model.path)
-    m = recipe.model
-    tokenizer = load_tokenizer(model_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    loaded: list[torch.nn.Module] = []
 
-    def initial_policy() -> torch.nn.Module:
-        """The policy's initial weights, loaded on first use: data errors surface before a slow load."""
-        if not loaded:
-            model = load_causal_lm(
-                model_path, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code,
+class ModelLoader:
+    """The recipe's model: its resolved path and tokenizer now, its initial weights on the first ``get()``.
+
+    Loading the weights late lets data errors surface before a slow load, and a task that builds its data
+    with the initial model shares the one copy that then trains. The embedded default model is converted
+    into the cache on first use, by the main process first.
+    """
+
+    def __init__(self, recipe, accelerator) -> None:
+        self.config = recipe.model
+        with accelerator.main_process_first():
+            self.path = resolve_model_path(self.config.path)
+        self.tokenizer = load_tokenizer(self.path, revision=self.config.revision,
+                                        trust_remote_code=self.config.trust_remote_code)
+        self._model: torch.nn.Module | None = None
+
+    def get(self) -> torch.nn.Module:
+        """The initial weights, loaded once; every call returns the same module."""
+        if self._model is None:
+            m = self.config
+            self._model = load_causal_lm(
+                self.path, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code,
                 attn_implementation=m.attn_implementation,
             )
-            loaded.append(model)
-        return loaded[0]
+        return self._model
 
-    # Data: a task builds preference files; otherwise the recipe names a dataset.
+
+@dataclass
+class Data:
+    """What ``build_data`` read: the training pairs and the rows they index, held-out pairs, the task."""
+
+    train: TokenizedPairs
+    train_rows: Any  # the source rows the training pairs' ``row`` numbers index
+    eval: TokenizedPairs | None
+    task: Task | None
+    task_data: TaskData | None
+
+
+def build_data(recipe, plugins: Plugins, phase: Phase, models: ModelLoader, loss, accelerator, say,
+               show_progress: bool) -> Data:
+    """The training and held-out pairs: from the files a task builds, or from the dataset the recipe names.
+    The phase picks this run's training pairs (``select_train``) and may accept prompt-only data."""
     task, task_data = None, None
     if recipe.data.task is not None:
-        data_model_path, load_data_model = model_path, lambda: initial_policy().eval()
-        if data_model is not None and resolve_model_path(data_model) != model_path:
-            data_model_path = resolve_model_path(data_model)
-            load_data_model = lambda: load_causal_lm(  # noqa: E731
-                data_model_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code).eval()
+        data_model_path, load_data_model = task_data_model(recipe, models, phase.data_model)
         with accelerator.main_process_first():
-            task, task_data = build_task_data(recipe, plugins, data_model_path, tokenizer, load_data_model,
+            task, task_data = build_task_data(recipe, plugins, data_model_path, models.tokenizer, load_data_model,
                                               show_progress)
         train_source, eval_source = (str(task_data.train), "train"), (str(task_data.eval), "train")
     else:
         train_source = (recipe.data.path, recipe.data.train_split)
         eval_source = (recipe.data.path, recipe.data.eval_split) if recipe.data.eval_split else None
-    train_pairs = load_split(recipe, tokenizer, *train_source, recipe.data.max_train_pairs, loss, say, select_train,
-                             prompt_only="accept" if pairs_from_prompts else "refuse")
-    eval_pairs = (
-        load_split(recipe, tokenizer, *eval_source, recipe.data.max_eval_pairs, loss, say, prompt_only="drop")
+    selection = TrainSelection(phase.select_train)
+    train = load_split(recipe, models.tokenizer, *train_source, recipe.data.max_train_pairs, loss, say, selection,
+                       prompt_only="accept" if phase.pairs_from_prompts else "refuse")
+    held_out = (
+        load_split(recipe, models.tokenizer, *eval_source, recipe.data.max_eval_pairs, loss, say, prompt_only="drop")
         if eval_source else None
     )
+    return Data(train=train, train_rows=selection.rows, eval=held_out, task=task, task_data=task_data)
 
-    # Extra references (multi-reference losses) go into the cache now, one model at a time, so none of them
-    # is in memory beside the policy.
-    extra_caches, extra_info = [], []
-    if recipe.reference.extra:
-        extra_caches, extra_info = build_extra_caches(
-            recipe, tokenizer, [train_pairs, eval_pairs], accelerator.device, show_progress, say,
-            accelerator.main_process_first,
-        )
 
-    policy = initial_policy().train()
-    if m.lora is not None:
-        policy = add_lora(policy, m.lora)
-    if m.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy.to(accelerator.device)
+class TrainSelection:
+    """``load_split``'s ``select`` for the training split: keeps the source rows it is shown (the run hands
+    them to an algorithm's phase) and applies the phase's ``select_train``, if any."""
 
-    references = None
-    summary: dict[str, Any] = {"reference": None}
-    if loss.requires_reference:
-        primary_train, primary_eval, following, info = build_primary(
-            recipe, accelerator, policy, tokenizer, train_pairs, eval_pairs, show_progress, say,
-            following=reference_follows_policy,
-        )
-        references = assemble(primary_train, primary_eval, following, extra_caches, info, extra_info)
-        summary["reference"] = references.info
+    def __init__(self, select_train) -> None:
+        self.select_train = select_train
+        self.rows = None
 
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    t = recipe.train
-    optimizer = torch.optim.AdamW(
-        trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay
-    )
-    world = accelerator.num_processes
-    if t.batch_size % (t.micro_batch_size * world):
-        raise PrefoptError(
-            f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
-            f"({t.micro_batch_size}) x processes ({world})"
-        )
-    configure_deepspeed(accelerator, t, t.batch_size // (t.micro_batch_size * world))
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    def __call__(self, pairs: TokenizedPairs, rows) -> TokenizedPairs:
+        self.rows = rows
+        return self.select_train(pairs, rows) if self.select_train is not None else pairs
 
-    if len(train_pairs) < t.batch_size:
-        raise PrefoptError(
-            f"{train_pairs.source}: {train_pairs.describe()} usable, fewer than train.batch_size ({t.batch_size})"
-        )
-    steps_per_epoch = len(train_pairs) // t.batch_size
-    left_out = len(train_pairs) - steps_per_epoch * t.batch_size
-    if left_out and not plans_own_steps:
-        unit = "prompts" if train_pairs.prompt_only else "pairs"
-        say(f"each epoch uses {steps_per_epoch * t.batch_size} of {len(train_pairs)} {unit} in full batches of "
-            f"{t.batch_size}; which {left_out} sit out changes every epoch")
-    total_steps = steps_per_epoch * t.epochs
-    if t.max_steps is not None:
-        total_steps = min(total_steps, t.max_steps)
 
-    start_step, resumed_extra = 0, {}
-    if resume_from is not None:
-        if accelerate_owns_state(accelerator):
-            state = ckpt.load_accelerate_checkpoint(resume_from, accelerator)
-        else:
-            state = ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(policy), optimizer)
-        loss.load_state_dict(state.loss_state)
-        if references is not None and references.train.following is not None:
-            references.train.following.weights.load_state_dict(ckpt.load_tensors(resume_from, "reference"))
-        start_step, resumed_extra = state.step, state.extra
-        of_total = "" if plans_own_steps else f" of {total_steps}"
-        say(f"resuming from {resume_from} (step {start_step}{of_total})")
-    if accelerator.is_main_process:
-        truncate_metrics(run_dir / "metrics.jsonl", start_step)
-
-    if recipe.output.trackers:
-        accelerator.init_trackers("prefopt", config=flat_config(recipe))
-
-    return Run(
-        recipe=recipe, accelerator=accelerator, run_dir=run_dir, tokenizer=tokenizer, policy=policy,
-        optimizer=optimizer, loss=loss, train_pairs=train_pairs, eval_pairs=eval_pairs, references=references,
-        task=task, task_data=task_data, start_step=start_step,
-        total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-        accumulation=t.batch_size // (t.micro_batch_size * world), summary=summary,
-        resumed_from=resume_from, resumed_extra=resumed_extra,
-    )
+def task_data_model(recipe, models: ModelLoader, data_model: str | None) -> tuple[str, Callable[[], Any]]:
+    """The model a task builds its data with and how to load it: the policy's initial model (the one copy,
+    shared with training) unless the phase names another, so every phase of an algorithm sees the same data."""
+    if data_model is None or resolve_model_path(data_model) == models.path:
+        return models.path, lambda: models.get().eval()
+    path, m = resolve_model_path(data_model), recipe.model
+    return path, lambda: load_causal_lm(path, dtype=m.dtype, trust_remote_code=m.trust_remote_code).eval()
 
 
 def build_task_data(recipe, plugins: Plugins, model_path: str, tokenizer, load_model, show_progress: bool):
@@ -218,3 +242,117 @@ def build_task_data(recipe, plugins: Plugins, model_path: str, tokenizer, load_m
         cache_dir=cache_dir("tasks", task_cls.name), seed=recipe.seed, show_progress=show_progress,
     )
     return task, task.build(ctx)
+
+
+def build_extra_references(recipe, tokenizer, data: Data, accelerator, say, show_progress: bool) -> tuple[list, list]:
+    """Extra references (multi-reference losses), into the cache now, one model at a time, so none of them
+    is in memory beside the policy. Returns the caches per reference and split, and their summaries."""
+    if not recipe.reference.extra:
+        return [], []
+    return build_extra_caches(recipe, tokenizer, [data.train, data.eval], accelerator.device, show_progress, say,
+                              accelerator.main_process_first)
+
+
+def build_policy(recipe, models: ModelLoader, accelerator) -> torch.nn.Module:
+    """The policy as it trains: the initial weights, a LoRA adapter if asked, on the run's device."""
+    m = recipe.model
+    policy = models.get().train()
+    if m.lora is not None:
+        policy = add_lora(policy, m.lora)
+    if m.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy.to(accelerator.device)
+
+
+def build_references(recipe, phase: Phase, loss, accelerator, policy, tokenizer, data: Data,
+                     extra_references: tuple[list, list], say, show_progress: bool) -> References | None:
+    """The primary reference (cache, live model, or one that follows the policy) with any extra ones; None for
+    a loss that needs no reference."""
+    if not loss.requires_reference:
+        return None
+    primary_train, primary_eval, following, info = build_primary(
+        recipe, accelerator, policy, tokenizer, data.train, data.eval, show_progress, say,
+        following=phase.reference_follows_policy,
+    )
+    extra_caches, extra_info = extra_references
+    return assemble(primary_train, primary_eval, following, extra_caches, info, extra_info)
+
+
+def build_optimizer(recipe, params) -> torch.optim.Optimizer:
+    """The optimizer over ``params``, the policy's trainable parameters."""
+    return optim.build_optimizer(recipe, list(params))
+
+
+def prepare_for_training(recipe, accelerator, policy, optimizer):
+    """Policy and optimizer wrapped for the launch (DDP, FSDP, DeepSpeed), and the micro-batches per process
+    that make one step's ``train.batch_size``."""
+    t, world = recipe.train, accelerator.num_processes
+    if t.batch_size % (t.micro_batch_size * world):
+        raise PrefoptError(
+            f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
+            f"({t.micro_batch_size}) x processes ({world})"
+        )
+    accumulation = t.batch_size // (t.micro_batch_size * world)
+    configure_deepspeed(accelerator, t, accumulation)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    return policy, optimizer, accumulation
+
+
+def plan_epochs(recipe, train_pairs: TokenizedPairs, phase: Phase, say) -> tuple[int, int]:
+    """Steps per epoch (full batches only) and the steps of ``train.epochs`` (capped by ``train.max_steps``)."""
+    t = recipe.train
+    if len(train_pairs) < t.batch_size:
+        raise PrefoptError(
+            f"{train_pairs.source}: {train_pairs.describe()} usable, fewer than train.batch_size ({t.batch_size})"
+        )
+    steps_per_epoch = len(train_pairs) // t.batch_size
+    left_out = len(train_pairs) - steps_per_epoch * t.batch_size
+    # A phase that plans its own steps never trains this schedule, so it is not described.
+    if left_out and not phase.plans_own_steps:
+        unit = "prompts" if train_pairs.prompt_only else "pairs"
+        say(f"each epoch uses {steps_per_epoch * t.batch_size} of {len(train_pairs)} {unit} in full batches of "
+            f"{t.batch_size}; which {left_out} sit out changes every epoch")
+    total_steps = steps_per_epoch * t.epochs
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+    return steps_per_epoch, total_steps
+
+
+def resume(run: Run, checkpoint: Path | None) -> dict:
+    """Policy, optimizer, loss state and a following reference as ``checkpoint`` left them; returns the
+    checkpoint's ``extra`` (an algorithm's state), empty for a fresh run."""
+    if checkpoint is None:
+        return {}
+    if accelerate_owns_state(run.accelerator):
+        state = ckpt.load_accelerate_checkpoint(checkpoint, run.accelerator)
+    else:
+        state = ckpt.load_checkpoint(checkpoint, run.accelerator.unwrap_model(run.policy), run.optimizer)
+    run.loss.load_state_dict(state.loss_state)
+    run.skipped_steps = state.counters.get("skipped_steps", 0)
+    run.nonfinite_in_a_row = state.counters.get("nonfinite_in_a_row", 0)
+    if run.reference is not None and run.reference.following is not None:
+        run.reference.following.weights.load_state_dict(ckpt.load_tensors(checkpoint, "reference"))
+    run.start_step = state.step
+    of_total = "" if run.phase.plans_own_steps else f" of {run.total_steps}"
+    run.say(f"resuming from {checkpoint} (step {run.start_step}{of_total})")
+    return state.extra
+
+
+def start_records(run: Run) -> None:
+    """metrics.jsonl cut back to where the run continues, and the trackers started."""
+    if run.is_main:
+        truncate_metrics(run.run_dir / "metrics.jsonl", run.start_step)
+    if run.recipe.output.trackers:
+        run.accelerator.init_trackers("prefopt", config=flat_config(run.recipe))
+
+
+def start_phase(run: Run, checkpoint: Path | None, extra: dict) -> None:
+    """The phase's ``start``, its state restored from ``checkpoint``, and its step plan if it makes one."""
+    phase, ctx = run.phase, run.context
+    phase.start(ctx)
+    if checkpoint is not None:
+        phase.restore(extra, functools.partial(ckpt.load_tensors, checkpoint))
+    if phase.plans_own_steps:
+        planned, cap = phase.total_steps(ctx), run.recipe.train.max_steps
+        run.total_steps = min(planned, cap) if cap is not None else planned
+        run.steps_per_epoch = phase.steps_per_epoch(ctx) or run.steps_per_epoch

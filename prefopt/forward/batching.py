@@ -11,7 +11,7 @@ rejected) and carry their labels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -44,17 +44,42 @@ class PreferenceBatch:
         return int(self.response_mask.sum())
 
 
+def pad_token_ids(
+    sequences: Sequence[Sequence[int]], pad_id: int | None, *, side: Literal["right", "left"] = "right",
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)``, long (N, T), of token-id lists padded to the longest, on ``device``.
+
+    Right padding (scoring) keeps every real token at its own position, so a causal model's outputs at real
+    tokens equal an unpadded forward's; left padding (generation) lines up every row's last prompt token, where
+    ``generate`` continues.
+
+    ``pad_id`` may be None only where no row needs padding (one sequence, or all the same length); otherwise
+    it is an error rather than a silent id 0. The attention mask hides the padding from a causal LM, but a
+    sequence classifier (a reward model) finds each row's last real token as the last that is not its pad
+    id, and would score a row padded with another real token's id at the wrong position.
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"pad_token_ids: side must be 'right' or 'left', got {side!r}")
+    width = max(len(ids) for ids in sequences)
+    if pad_id is None and any(len(ids) != width for ids in sequences):
+        raise ValueError("pad_token_ids: sequences of different lengths need a pad_id (the tokenizer has no pad "
+                         "or EOS token); pad one sequence at a time instead")
+    input_ids = torch.full((len(sequences), width), 0 if pad_id is None else pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        span = slice(0, len(ids)) if side == "right" else slice(width - len(ids), width)
+        input_ids[row, span] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, span] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 def pad_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """(prompt, response) id sequences, right-padded: input ids, attention mask and response mask."""
-    width = max(len(prompt) + len(response) for prompt, response in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    response_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    input_ids, attention_mask = pad_token_ids([[*prompt, *response] for prompt, response in sequences], pad_id)
+    response_mask = torch.zeros_like(input_ids, dtype=torch.bool)
     for row, (prompt, response) in enumerate(sequences):
-        length = len(prompt) + len(response)
-        input_ids[row, :length] = torch.tensor([*prompt, *response], dtype=torch.long)
-        attention_mask[row, :length] = 1
-        response_mask[row, len(prompt) : length] = True
+        response_mask[row, len(prompt) : len(prompt) + len(response)] = True
     return input_ids, attention_mask, response_mask
 
 

@@ -27,9 +27,7 @@ import json
 import logging
 import math
 import numbers
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -37,7 +35,7 @@ from torch import nn
 
 from prefopt.errors import PrefoptError
 from prefopt.models.loading import DTYPES, load_causal_lm, load_tokenizer, resolve_model_path
-from prefopt.paths import staging_dir
+from prefopt.paths import replace_dir, staging_dir
 
 __all__ = ["extrapolate"]
 
@@ -196,19 +194,8 @@ def _write(model: nn.Module, tokenizer, record: dict, out: Path, overwrite: bool
 
 
 def _replace(staging: Path, out: Path, overwrite: bool) -> None:
-    if not (out.is_dir() and any(out.iterdir())):
-        os.replace(staging, out)  # atomic; also replaces an empty directory
-        return
-    if not overwrite:  # someone filled it while the models were loading
+    filled = out.is_dir() and any(out.iterdir())  # someone filled it while the models were loading
+    if filled and not overwrite:
         raise PrefoptError(f"output {out}: exists and is not empty; choose another directory or overwrite it "
                            "(--overwrite)")
-    # A non-empty directory cannot be renamed over: move the old one aside first, and put it back if the
-    # second rename fails, so ``out`` is always either the old output or the complete new one.
-    old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.replace(out, old)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(staging, out)  # ``out`` is always either the old output or the complete new one

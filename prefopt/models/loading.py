@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from typing import Iterable
 
 import torch
@@ -28,10 +29,14 @@ def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code:
     """``key`` is the recipe key that named ``path``, for errors."""
     from transformers import AutoTokenizer
 
+    path = _checked_local_path(path, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise PrefoptError(f"{key} {path!r}: cannot load a tokenizer ({_first_line(exc)})") from None
+    except (OSError, ValueError) as exc:
+        error = _tokenizer_error(path, key, exc)
+        if error is None:
+            raise
+        raise error from None
     if tokenizer.pad_token_id is None:
         # Padding is always masked out, so any id will do; EOS is what most causal LMs use.
         tokenizer.pad_token = tokenizer.eos_token
@@ -53,6 +58,7 @@ def load_causal_lm(
     kwargs = {"dtype": DTYPES[dtype], "revision": revision, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    path = _checked_local_path(path, key)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
@@ -62,12 +68,54 @@ def load_causal_lm(
         ) from None
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            raise PrefoptError(
-                f"{key} {path!r} ships its own code; set {key.rpartition('.')[0] or 'model'}.trust_remote_code=true "
-                "if you trust it"
-            ) from None
+            raise _remote_code_error(path, key) from None
         raise
     return model
+
+
+def _checked_local_path(path: str, key: str) -> str:
+    """``path`` with ``~`` expanded; one that can only be local (``looks_local``) must be a folder.
+
+    transformers takes a missing folder for a hub id and answers "Repo id must be in the form ...", which
+    says nothing about the folder, so that case is caught here, before it is asked.
+    """
+    from prefopt.data.load import looks_local
+
+    if not looks_local(path):
+        return path
+    local = os.path.expanduser(path)
+    if os.path.isfile(local):
+        raise PrefoptError(f"{key} {path!r} is a file; give the folder that holds config.json and the weights")
+    if not os.path.isdir(local):
+        start = "" if os.path.isabs(local) else f" (relative paths start at the current directory, {os.getcwd()})"
+        raise PrefoptError(f"{key} {path!r}: no such folder; check {key}{start}")
+    return local
+
+
+def _tokenizer_error(path: str, key: str, exc: OSError | ValueError) -> PrefoptError | None:
+    """The one-line error for a tokenizer transformers could not load; None for an unforeseen ValueError."""
+    if isinstance(exc, ValueError) and "trust_remote_code" in str(exc):
+        return _remote_code_error(path, key)
+    if os.path.isdir(path) and not any(_is_tokenizer_file(name) for name in os.listdir(path)):
+        return PrefoptError(
+            f"{key} {path!r}: the folder has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...); "
+            f"save the model's tokenizer there with tokenizer.save_pretrained({path!r})"
+        )
+    if isinstance(exc, OSError):
+        return PrefoptError(f"{key} {path!r}: cannot load a tokenizer ({_first_line(exc)})")
+    if "sentencepiece" in str(exc):
+        return PrefoptError(f"{key} {path!r}: its tokenizer needs the sentencepiece package; pip install sentencepiece")
+    return None
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    """Files a tokenizer is read from (tokenizer_config.json alone is not one: it only points at them)."""
+    return name in ("tokenizer.json", "vocab.json", "vocab.txt") or name.endswith((".model", ".tiktoken"))
+
+
+def _remote_code_error(path: str, key: str) -> PrefoptError:
+    section = key.rpartition(".")[0] or "model"
+    return PrefoptError(f"{key} {path!r} ships its own code; set {section}.trust_remote_code=true if you trust it")
 
 
 def add_lora(model: nn.Module, lora) -> nn.Module:

@@ -1,24 +1,19 @@
-"""Recipes: YAML files validated against a schema assembled after plugins load.
+"""The recipe schema, assembled after plugins load.
 
-The engine owns every section but two: ``loss`` is a union over every registered loss's ``Config``
-(tagged by ``loss.name``), and ``data.task`` a union over every registered task's ``Config``. So a
+The engine owns every section but the plugins' own: ``loss`` is a union over every registered loss's
+``Config`` (tagged by ``loss.name``), ``data.task`` one over every registered task's and ``algorithm``
+one over every registered algorithm's (the kinds ``registry.kinds.KINDS`` marks ``in_schema``). So a
 plugin owns its options, their bounds and their docs, and a recipe can name any installed plugin.
-
-``load_recipe`` reports every problem at once, each naming its dotted key, with a did-you-mean for
-misspelt keys and names. Command-line overrides are dotted keys: ``loss.beta=0.2``.
+Reading and validating a recipe file is ``load.py``; the one-line problems it reports, ``problems.py``.
 """
 
 from __future__ import annotations
 
-import inspect
-import typing
-from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
-from prefopt.errors import PrefoptError, RecipeError, did_you_mean
+from prefopt.errors import PrefoptError
 from prefopt.registry.loading import Plugins, Registry
 
 
@@ -132,6 +127,25 @@ class ReferenceConfig(Section):
     )
 
 
+class _NamedWithOptions(Section):
+    """``name`` plus that thing's own options beside it; a bare string in the recipe is the name alone."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimizerConfig(_NamedWithOptions):
+    name: str = Field("AdamW", description="A torch.optim class: AdamW, SGD, Adafactor, ...")
+
+
+class ScheduleConfig(_NamedWithOptions):
+    name: str = Field("linear", description="A transformers schedule: constant, linear, cosine, cosine_with_min_lr, "
+                                            "warmup_stable_decay, ...")
+
+
 class TrainConfig(Section):
     epochs: int = Field(1, ge=1, description="Passes over the training pairs (unless max_steps ends sooner).")
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -140,12 +154,21 @@ class TrainConfig(Section):
         2, ge=1, description="Pairs per forward pass per process; accumulation makes up the rest."
     )
     learning_rate: float = Field(5e-6, gt=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: ScheduleConfig = Field(
+        default_factory=ScheduleConfig,
+        description="The schedule by name (constant, linear, cosine, ...), or {name: ..., <its options>} such as "
+        "{name: cosine_with_min_lr, min_lr_rate: 0.1}; every schedule warms up over warmup_steps.",
+    )
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup, the first at 1/warmup_steps of the rate.")
     weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_eps: float = Field(1e-8, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam-family optimizers: the first of their betas.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam-family optimizers: the second of their betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="Adam-family optimizers: their eps.")
+    optimizer: OptimizerConfig = Field(
+        default_factory=OptimizerConfig,
+        description="A torch.optim class by name, or {name: ..., <its options>} such as {name: SGD, momentum: 0.9}; "
+        "its rate is learning_rate, its decay weight_decay, an Adam's betas and eps the adam_* keys.",
+    )
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the gradient norm; none to not clip.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast through accelerate.")
     logprob_chunk_size: int = Field(
@@ -164,6 +187,39 @@ class TrainConfig(Section):
     eval_every: Optional[int] = Field(None, ge=1, description="Optimizer steps between held-out evaluations.")
     save_every: Optional[int] = Field(None, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
+    on_nonfinite: Literal["stop", "skip_step"] = Field(
+        "stop", description="A step whose loss or gradient norm is inf or NaN: stop (exit status 3, the newest "
+        "checkpoint kept), or skip_step (no update, counted as skipped_steps in metrics and summary.json).",
+    )
+    max_nonfinite_in_a_row: int = Field(
+        3, ge=1, description="skip_step: stop (exit status 3) after this many non-finite steps in a row."
+    )
+    allow_changed: list[str] = Field(
+        [], description="Keys (or sections) that may differ from the checkpoint's recipe when the run resumes, "
+        "e.g. [train.learning_rate]; train.max_steps, train.epochs, eval, logging and output keys always may.",
+    )
+
+    @field_validator("lr_scheduler", "optimizer", mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value  # `lr_scheduler: linear`
+
+    # prefopt.engine.optim is imported here, not at the top: the engine package imports the recipe package.
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_schedule(cls, value: ScheduleConfig, info: ValidationInfo) -> ScheduleConfig:
+        from prefopt.engine.optim import check_schedule
+
+        check_schedule(value.name, value.options, info.data.get("learning_rate"))
+        return value
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: OptimizerConfig, info: ValidationInfo) -> OptimizerConfig:
+        from prefopt.engine.optim import check_optimizer
+
+        check_optimizer(value.name, value.options, info.data)
+        return value
 
 
 class EvalConfig(Section):
@@ -185,8 +241,9 @@ class OutputConfig(Section):
 ENGINE_SECTIONS = ("model", "data", "reference", "train", "eval", "output")
 
 
-def _tagged_union(registry: Registry, what: str) -> Any:
+def _tagged_union(registry: Registry) -> Any:
     """A pydantic union over every registered plugin's Config, tagged by its ``name`` field."""
+    what = registry.kind
     members = []
     for info in registry.infos():
         members.append(
@@ -205,8 +262,8 @@ def _tagged_union(registry: Registry, what: str) -> Any:
 
 def recipe_model(plugins: Plugins) -> type[BaseModel]:
     """The Recipe schema for the plugins that are loaded now."""
-    task_spec = _tagged_union(plugins.tasks, "task") if len(plugins.tasks) else Any
-    algorithm_spec = _tagged_union(plugins.algorithms, "algorithm") if len(plugins.algorithms) else Any
+    task_spec = _tagged_union(plugins.tasks) if len(plugins.tasks) else Any
+    algorithm_spec = _tagged_union(plugins.algorithms) if len(plugins.algorithms) else Any
     data_model = create_model("DataSection", __base__=DataConfig, task=(Optional[task_spec], None))
     return create_model(
         "Recipe",
@@ -214,7 +271,7 @@ def recipe_model(plugins: Plugins) -> type[BaseModel]:
         seed=(int, Field(0, description="Seeds data order, initialization and sampling.")),
         model=(ModelConfig, ModelConfig()),
         data=(data_model, ...),
-        loss=(_tagged_union(plugins.losses, "loss"), ...),
+        loss=(_tagged_union(plugins.losses), ...),
         algorithm=(Optional[algorithm_spec], Field(
             None, description="Phases of training (e.g. {name: stepwise}); none: one pass of the engine.")),
         reference=(ReferenceConfig, ReferenceConfig()),
@@ -222,190 +279,3 @@ def recipe_model(plugins: Plugins) -> type[BaseModel]:
         eval=(EvalConfig, EvalConfig()),
         output=(OutputConfig, OutputConfig()),
     )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loading: YAML, overrides, validation with every error at once
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.learning_rate=1e-5' -> (['train', 'learning_rate'], 1e-05). Values are YAML scalars/lists."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise PrefoptError(f"override {text!r} is not of the form dotted.key=value (e.g. loss.beta=0.2)")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise PrefoptError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
-    # YAML reads '1e-5' as a string; numbers in scientific notation are common in recipes.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in "eE.") else value
-        except ValueError:
-            pass
-    return [k.strip() for k in key.split(".")], value
-
-
-def apply_override(tree: dict, keys: list[str], value: Any) -> None:
-    node = tree
-    for i, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            path = ".".join(keys[: i + 1])
-            raise PrefoptError(f"override {'.'.join(keys)}: {path} is {child!r}, not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise PrefoptError(f"recipe {path} not found")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise PrefoptError(f"recipe {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if tree is None:
-        raise PrefoptError(f"recipe {path} is empty; start from recipes/dpo/quickstart.yaml")
-    if not isinstance(tree, dict):
-        raise PrefoptError(f"recipe {path}: the top level must be a mapping of sections, got {type(tree).__name__}")
-    return tree
-
-
-def _fields_at(model: Any, loc: tuple) -> list[str]:
-    """Field names of the (sub-)model that ``loc`` points into, for did-you-mean suggestions."""
-    for key in loc:
-        fields = getattr(model, "model_fields", None)
-        if fields is None or key not in fields:
-            return []
-        model = fields[key].annotation
-        # Optional[Section] and similar: the one model among the union's members.
-        members = [a for a in typing.get_args(model) if hasattr(a, "model_fields")]
-        if members:
-            model = members[0]
-    return list(getattr(model, "model_fields", None) or {})
-
-
-def _describe(error: dict, schema: type[BaseModel], tree: dict, plugins: Plugins) -> str:
-    loc = tuple(error["loc"])
-    # Tagged unions put the tag in the location (loss.dpo.beta); the user wrote loss.beta.
-    if len(loc) >= 2 and loc[0] == "loss" and loc[1] in plugins.losses:
-        loc = (loc[0],) + loc[2:]
-    if len(loc) >= 3 and loc[:2] == ("data", "task") and loc[2] in plugins.tasks:
-        loc = loc[:2] + loc[3:]
-    if len(loc) >= 2 and loc[0] == "algorithm" and loc[1] in plugins.algorithms:
-        loc = (loc[0],) + loc[2:]
-    path = ".".join(str(p) for p in loc) or "(recipe)"
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        parent = loc[:-1]
-        siblings = _fields_at(schema, parent)
-        for section, registry in (("loss", plugins.losses), ("algorithm", plugins.algorithms)):
-            if parent and parent[0] == section:
-                name = (tree.get(section) or {}).get("name")
-                if name in registry:
-                    siblings = list(registry.get(name).Config.model_fields)
-                    return f"{path}: unknown option of {section} {name!r}{did_you_mean(loc[-1], siblings)}"
-        return f"{path}: unknown key{did_you_mean(loc[-1], siblings)}"
-    if kind in ("union_tag_invalid", "literal_error") and loc[-1:] == ("name",) or kind == "union_tag_invalid":
-        registry = _registry_at(loc, plugins)
-        given = error.get("input")
-        if isinstance(given, dict):
-            given = given.get("name")
-        return (
-            f"{path if path.endswith('name') else path + '.name'}: unknown {registry.kind} {given!r}"
-            f"{did_you_mean(str(given), registry.names())}; registered: {', '.join(registry.names())}"
-        )
-    if kind == "union_tag_not_found":
-        registry = _registry_at(loc, plugins)
-        return f"{path}.name: missing; choose one of {', '.join(registry.names())}"
-    if kind == "missing":
-        return f"{path}: required but missing"
-    message = error["msg"]
-    if kind == "value_error":
-        message = message.removeprefix("Value error, ")
-        return f"{path}: {message}" if path != "data" else message
-    given = error.get("input")
-    return f"{path}: {message} (got {given!r})"
-
-
-def _registry_at(loc: tuple, plugins: Plugins) -> Registry:
-    if loc[:2] == ("data", "task"):
-        return plugins.tasks
-    return plugins.algorithms if loc[:1] == ("algorithm",) else plugins.losses
-
-
-def validate_tree(tree: dict, plugins: Plugins, source: str) -> BaseModel:
-    schema = recipe_model(plugins)
-    try:
-        recipe = schema.model_validate(tree)
-    except ValidationError as exc:
-        problems = [_describe(e, schema, tree, plugins) for e in exc.errors()]
-        raise RecipeError(source, list(dict.fromkeys(problems))) from None
-    try:
-        build_loss(recipe, plugins)  # a loss may check more than its schema can (a mixture's components)
-        if recipe.algorithm is not None:
-            algorithm = build_algorithm(recipe, plugins)
-            # ``plugins`` came with 0.3 (an algorithm that builds samplers and judges validates their options)
-            if "plugins" in inspect.signature(algorithm.check).parameters:
-                algorithm.check(recipe, plugins=plugins)
-            else:
-                algorithm.check(recipe)
-    except PrefoptError as exc:
-        raise RecipeError(source, [str(exc)]) from None
-    return recipe
-
-
-def build_loss(recipe: BaseModel, plugins: Plugins):
-    """The recipe's loss plugin, constructed from its own Config (the recipe's copy also carries ``name``)."""
-    loss_cls = plugins.losses.get(recipe.loss.name)
-    return loss_cls(loss_cls.Config.model_validate(recipe.loss.model_dump(exclude={"name"})))
-
-
-def build_algorithm(recipe: BaseModel, plugins: Plugins):
-    """The recipe's algorithm plugin, or None for one pass of the engine."""
-    if recipe.algorithm is None:
-        return None
-    cls = plugins.algorithms.get(recipe.algorithm.name)
-    return cls(cls.Config.model_validate(recipe.algorithm.model_dump(exclude={"name"})))
-
-
-def load_recipe(path: str | Path, overrides: list[str] = (), plugins: Plugins | None = None) -> BaseModel:
-    """Read, override and validate a recipe; raise RecipeError listing every problem."""
-    from prefopt.registry.loading import default_plugins
-
-    plugins = plugins or default_plugins()
-    path = Path(path)
-    tree = read_yaml(path)
-    for text in overrides:
-        apply_override(tree, *parse_override(text))
-    recipe = validate_tree(tree, plugins, str(path))
-    # Here, not in validate_tree: an algorithm validates the recipes of its phases there with no algorithm
-    # section, and those phases may read prompt-only data the algorithm accepted.
-    try:
-        algorithm = plugins.algorithms.get(recipe.algorithm.name) if recipe.algorithm is not None else None
-        check_prompt_only_data(recipe, algorithm)
-    except PrefoptError as exc:
-        raise RecipeError(str(path), [str(exc)]) from None
-    return recipe
-
-
-def check_prompt_only_data(recipe: BaseModel, algorithm) -> None:
-    """Refuse ``data.format: prompt_only`` unless the recipe's algorithm (its plugin class, or None) makes its
-    own pairs from prompts (the engine refuses prompt-only rows that ``auto`` detects, when it reads them)."""
-    if recipe.data.format != "prompt_only" or getattr(algorithm, "pairs_from_prompts", False):
-        return
-    runs = "this recipe trains on the data's responses" if algorithm is None else (
-        f"algorithm {algorithm.name!r} trains on the data's responses")
-    raise PrefoptError(
-        f"data.format=prompt_only: prompt-only rows have no responses, and {runs}; use preference data "
-        f"(prompt, chosen, rejected), or an algorithm that samples its own pairs from prompts (see `prefopt list`)"
-    )
-
-
-def dump_recipe(recipe: BaseModel) -> str:
-    """The full recipe, defaults included, as YAML (saved next to every run)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

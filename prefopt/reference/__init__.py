@@ -1,1 +1,1 @@
-"""Reference log-probs: providers (cached, live, following the policy) and their setup for a run."""
+"""Reference log-probs: providers (live, following the policy), the on-disk cache, and their setup for a run."""

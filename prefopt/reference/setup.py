@@ -27,7 +27,8 @@ from prefopt.errors import PrefoptError
 from prefopt.reference.following import FollowingReference
 from prefopt.forward.logprobs import SequenceLogps
 from prefopt.models.loading import base_weights_fingerprint, is_peft, load_causal_lm, load_tokenizer, resolve_model_path
-from prefopt.reference.providers import CachedReference, LiveReference, build_cache, cache_key, cache_path
+from prefopt.reference.cache import CachedReference, cached_reference
+from prefopt.reference.providers import LiveReference
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +101,13 @@ def build_extra_caches(recipe, tokenizer, splits: list[TokenizedPairs | None], d
             if pairs is None:
                 per_split.append(None)
                 continue
-            target = cache_path(cache_key(fingerprint, pairs, f"{m.dtype}/{recipe.train.mixed_precision}"))
-            hits.append(target.exists())
-            with main_process_first():
-                if not target.exists():
-                    say(f"reference {path}: computing log-probs of {len(pairs)} pairs once into {target}")
-                    build_cache(live, pairs, target, batch_size=r.batch_size, pad_id=tokenizer.pad_token_id,
-                                device=device, show_progress=show_progress)
-            per_split.append(CachedReference(target))
+            cached, hit = cached_reference(
+                live, pairs, weights=fingerprint, dtype=f"{m.dtype}/{recipe.train.mixed_precision}",
+                batch_size=r.batch_size, pad_id=tokenizer.pad_token_id, device=device, show_progress=show_progress,
+                main_process_first=main_process_first, say=say, label=f"reference {path}",
+            )
+            hits.append(hit)
+            per_split.append(cached)
         info.append({"source": path, "hit": all(hits), "forward_passes": live.forward_passes})
         caches.append(per_split)
         del live, model  # freed before the next model loads
@@ -131,39 +131,10 @@ def build_primary(recipe, accelerator, policy, tokenizer, train_pairs, eval_pair
     ``policy`` is the initial policy, not yet wrapped for distribution. ``following``: a reference that
     follows the policy although the recipe sets no ``reference.sync`` (an algorithm syncs it)."""
     r = recipe.reference
-    chunk, autocast = recipe.train.logprob_chunk_size, accelerator.autocast
-    # A live reference scores batches in the training layout; a cache is always built padded, so its numbers
-    # depend only on what its key hashes (the layouts agree to float rounding, but a cache is exact).
-    kind = "cache" if r.kind == "auto" else r.kind
-    layout = {"layout": recipe.train.layout} if kind == "live" or r.sync is not None or following else {}
     if r.sync is not None or following:
-        reference = FollowingReference(policy, chunk_size=chunk, autocast=autocast, **layout)
-        if r.sync is None:
-            say("reference: follows the policy, synced by the algorithm")
-            return reference, reference, reference, {"kind": "following", "source": "policy", "sync": "algorithm"}
-        alpha = 1.0 if r.sync.mode == "hard" else r.sync.alpha
-        say(f"reference: follows the policy ({r.sync.mode} sync, alpha {alpha}, every {r.sync.every} steps)")
-        info = {"kind": "following", "source": "policy", "sync": r.sync.model_dump()}
-        return reference, reference, reference, info
-
-    if r.path is not None:
-        ref_model = load_causal_lm(
-            resolve_model_path(r.path), dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code
-        ).to(accelerator.device)
-        ref_model.requires_grad_(False)
-        live = LiveReference(ref_model, chunk_size=chunk, autocast=autocast, **layout)
-        source = r.path
-    elif is_peft(policy):
-        live = LiveReference(policy, disable_adapter=True, chunk_size=chunk, autocast=autocast, **layout)
-        source = "policy with its LoRA adapter disabled"
-    elif kind == "live":
-        ref_model = copy.deepcopy(policy).requires_grad_(False)
-        live = LiveReference(ref_model, chunk_size=chunk, autocast=autocast, **layout)
-        source = "frozen copy of the initial policy"
-    else:
-        # The policy has not trained yet, so it *is* the initial model: no copy needed to fill the cache.
-        live = LiveReference(policy, chunk_size=chunk, autocast=autocast, **layout)
-        source = "initial policy"
+        return _following_primary(recipe, accelerator, policy, say)
+    kind = "cache" if r.kind == "auto" else r.kind
+    live, source = _primary_model(recipe, accelerator, policy, kind)
     info: dict[str, Any] = {"kind": kind, "source": source}
     if kind == "live":
         say(f"reference: {source}, computed live every step")
@@ -171,24 +142,58 @@ def build_primary(recipe, accelerator, policy, tokenizer, train_pairs, eval_pair
 
     fingerprint = base_weights_fingerprint(live.model)
     info["weights"] = fingerprint  # sha256 of the reference's weights (LoRA adapters excluded)
-    dtype = f"{recipe.model.dtype}/{recipe.train.mixed_precision}"
     caches = []
     for pairs in (train_pairs, eval_pairs):
         if pairs is None:
             caches.append(None)
             continue
-        path = cache_path(cache_key(fingerprint, pairs, dtype))
-        hit = path.exists()
-        with accelerator.main_process_first():  # one process builds, the others then find it
-            if not path.exists():
-                say(f"reference: computing log-probs of {len(pairs)} pairs once into {path}")
-                build_cache(live, pairs, path, batch_size=r.batch_size, pad_id=tokenizer.pad_token_id,
-                            device=accelerator.device, show_progress=show_progress)
-        say(f"reference: {'reusing' if hit else 'built'} cache {path}")
-        caches.append(CachedReference(path))
-        info.setdefault("caches", []).append({"path": str(path), "hit": hit})
+        cached, hit = cached_reference(
+            live, pairs, weights=fingerprint, dtype=f"{recipe.model.dtype}/{recipe.train.mixed_precision}",
+            batch_size=r.batch_size, pad_id=tokenizer.pad_token_id, device=accelerator.device,
+            show_progress=show_progress, main_process_first=accelerator.main_process_first, say=say,
+        )
+        say(f"reference: {'reusing' if hit else 'built'} cache {cached.path}")
+        caches.append(cached)
+        info.setdefault("caches", []).append({"path": str(cached.path), "hit": hit})
     info["forward_passes"] = live.forward_passes
     return caches[0], caches[1], None, info
+
+
+def _following_primary(recipe, accelerator, policy, say) -> tuple[Any, Any, FollowingReference, dict[str, Any]]:
+    """The policy's own weights as the reference, synced by ``reference.sync`` or by the algorithm."""
+    r = recipe.reference
+    reference = FollowingReference(policy, chunk_size=recipe.train.logprob_chunk_size,
+                                   autocast=accelerator.autocast, layout=recipe.train.layout)
+    if r.sync is None:
+        say("reference: follows the policy, synced by the algorithm")
+        return reference, reference, reference, {"kind": "following", "source": "policy", "sync": "algorithm"}
+    alpha = 1.0 if r.sync.mode == "hard" else r.sync.alpha
+    say(f"reference: follows the policy ({r.sync.mode} sync, alpha {alpha}, every {r.sync.every} steps)")
+    info = {"kind": "following", "source": "policy", "sync": r.sync.model_dump()}
+    return reference, reference, reference, info
+
+
+def _primary_model(recipe, accelerator, policy, kind: str) -> tuple[LiveReference, str]:
+    """The model that gives the primary reference's log-probs (live, or once into the cache), and its name."""
+    r = recipe.reference
+    options = {"chunk_size": recipe.train.logprob_chunk_size, "autocast": accelerator.autocast}
+    # A live reference scores batches in the training layout; a cache is always built padded, so its numbers
+    # depend only on what its key hashes (the layouts agree to float rounding, but a cache is exact).
+    if kind == "live":
+        options["layout"] = recipe.train.layout
+    if r.path is not None:
+        ref_model = load_causal_lm(
+            resolve_model_path(r.path), dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code
+        ).to(accelerator.device)
+        ref_model.requires_grad_(False)
+        return LiveReference(ref_model, **options), r.path
+    if is_peft(policy):
+        return LiveReference(policy, disable_adapter=True, **options), "policy with its LoRA adapter disabled"
+    if kind == "live":
+        frozen = copy.deepcopy(policy).requires_grad_(False)
+        return LiveReference(frozen, **options), "frozen copy of the initial policy"
+    # The policy has not trained yet, so it *is* the initial model: no copy needed to fill the cache.
+    return LiveReference(policy, **options), "initial policy"
 
 
 def assemble(primary_train, primary_eval, following, extra_caches, info, extra_info) -> References:

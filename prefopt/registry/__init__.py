@@ -1,1 +1,1 @@
-"""Plugin loading: hook specs, entry points, and one registry per kind of plugin."""
+"""Plugin loading: hook specs, the one table of plugin kinds, entry points, and one registry per kind."""

@@ -11,24 +11,31 @@ import functools
 import importlib
 import importlib.metadata
 import os
+import re
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import pluggy
+from pydantic import BaseModel
 
-from prefopt.registry import hookspecs
-from prefopt.errors import PrefoptError, did_you_mean
 from prefopt.api.algorithm import Algorithm
 from prefopt.api.judge import Judge
 from prefopt.api.loss import PreferenceLoss
+from prefopt.api.plugin import PluginConfig
 from prefopt.api.sampler import Sampler
 from prefopt.api.task import Task
+from prefopt.errors import PrefoptError, did_you_mean
+from prefopt.registry import hookspecs
+from prefopt.registry.kinds import KINDS, PluginKind
 
 GROUP = "prefopt"
 AUTOLOAD_OFF_ENV = "PREFOPT_DISABLE_PLUGIN_AUTOLOAD"
 EXTRA_PLUGINS_ENV = "PREFOPT_PLUGINS"
 
 hookimpl = pluggy.HookimplMarker(GROUP)
+
+# A plugin's name is a recipe value and a key of metrics and file names: a plain ASCII identifier.
+PLUGIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 T = TypeVar("T")
 
@@ -45,25 +52,20 @@ class PluginInfo(Generic[T]):
 
 
 class Registry(Generic[T]):
-    """name -> class for one kind of plugin. A name registered twice is an error naming both providers."""
+    """name -> class for one kind of plugin. A class that breaks its kind's contract, or a name registered
+    twice, is an error naming the plugin (both providers, for a name)."""
 
-    def __init__(self, kind: str, base: type[T]) -> None:
-        self.kind, self.base = kind, base
+    def __init__(self, kind: str, base: type[T], config_base: type[BaseModel] = PluginConfig) -> None:
+        """``kind`` names one in messages ("loss"); every class added subclasses ``base`` and has a ``Config``
+        subclassing ``config_base`` (``load_plugins`` passes each kind's own, from ``KINDS``)."""
+        self.kind, self.base, self.config_base = kind, base, config_base
         self._by_name: dict[str, PluginInfo[T]] = {}
 
     def add(self, cls: type, provider: str, plugin: str) -> None:
-        if not isinstance(cls, type):
-            raise PrefoptError(
-                f"plugin {plugin!r} ({provider}) registered an instance, {cls!r}; hooks return classes, not instances"
-            )
-        if not issubclass(cls, self.base):
-            raise PrefoptError(
-                f"plugin {plugin!r} ({provider}) registered {cls!r} as a {self.kind}, "
-                f"but a {self.kind} must be a subclass of {self.base.__module__}.{self.base.__qualname__}"
-            )
-        name = getattr(cls, "name", None)
-        if not isinstance(name, str) or not name:
-            raise PrefoptError(f"plugin {plugin!r} ({provider}): {cls.__qualname__} has no string 'name'")
+        refusal = self._refusal(cls, f"plugin {plugin!r} ({provider})")
+        if refusal:
+            raise PrefoptError(refusal)
+        name = cls.name
         if name in self._by_name:
             first = self._by_name[name]
             raise PrefoptError(
@@ -71,6 +73,28 @@ class Registry(Generic[T]):
                 f"and by {plugin!r} ({provider}); uninstall one or disable autoload with {AUTOLOAD_OFF_ENV}=1"
             )
         self._by_name[name] = PluginInfo(self.kind, name, cls, provider, plugin)
+
+    def _refusal(self, cls: type, plugin: str) -> str | None:
+        """Why ``cls`` cannot be a plugin of this kind, naming ``plugin`` (who registered it), or None. Checked
+        when plugins load: a class without a usable ``name`` or ``Config`` would otherwise break the schema of
+        every recipe, naming nothing."""
+        if not isinstance(cls, type):
+            return f"{plugin} registered an instance, {cls!r}; hooks return classes, not instances"
+        if not issubclass(cls, self.base):
+            return (f"{plugin} registered {cls!r} as a {self.kind}, but a {self.kind} must be a subclass of "
+                    f"{_dotted(self.base)}")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            return f"{plugin}: {cls.__qualname__} has no string 'name'"
+        if not PLUGIN_NAME.fullmatch(name):
+            return (f"{plugin}: {cls.__qualname__}.name {name!r} is not an identifier; recipes name a {self.kind} "
+                    "with letters, digits and '_', not starting with a digit")
+        config = getattr(cls, "Config", None)
+        if not (isinstance(config, type) and issubclass(config, self.config_base)):
+            found = "has no Config" if config is None else f"has Config = {config!r}"
+            return (f"{plugin}: {self.kind} {name!r} ({cls.__qualname__}) {found}; set Config to a subclass of "
+                    f"{_dotted(self.config_base)}, the model of its options")
+        return None
 
     def get(self, name: str) -> type[T]:
         try:
@@ -96,7 +120,7 @@ class Registry(Generic[T]):
 
 @dataclass(frozen=True)
 class Plugins:
-    """Everything the loaded plugins registered, one registry per kind."""
+    """Everything the loaded plugins registered, one registry per kind (a field per row of ``KINDS``)."""
 
     manager: pluggy.PluginManager
     losses: Registry[PreferenceLoss]
@@ -105,8 +129,16 @@ class Plugins:
     samplers: Registry[Sampler]
     judges: Registry[Judge]
 
+    def registry(self, kind: PluginKind) -> Registry:
+        return getattr(self, kind.attribute)
+
     def registries(self) -> list[Registry]:
-        return [self.losses, self.tasks, self.algorithms, self.samplers, self.judges]
+        """Every registry, in the order of ``KINDS``."""
+        return [self.registry(kind) for kind in KINDS]
+
+
+def _dotted(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
@@ -146,20 +178,11 @@ def load_plugins(autoload: bool | None = None, extra: list[str] | None = None) -
     except pluggy.PluginValidationError as exc:
         raise PrefoptError(f"plugin {pm.get_name(exc.plugin)!r} is invalid: {exc}") from exc
 
-    plugins = Plugins(
-        pm, Registry("loss", PreferenceLoss), Registry("task", Task), Registry("algorithm", Algorithm),
-        Registry("sampler", Sampler), Registry("judge", Judge),
-    )
-    for hook_name, registry in (
-        ("prefopt_register_losses", plugins.losses),
-        ("prefopt_register_tasks", plugins.tasks),
-        ("prefopt_register_algorithms", plugins.algorithms),
-        ("prefopt_register_samplers", plugins.samplers),
-        ("prefopt_register_judges", plugins.judges),
-    ):
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+    plugins = Plugins(pm, **{kind.attribute: Registry(kind.name, kind.base, kind.config_base) for kind in KINDS})
+    for kind in KINDS:
+        for impl in getattr(pm.hook, kind.hook).get_hookimpls():
             for cls in impl.function() or []:
-                registry.add(cls, providers.get(impl.plugin_name, impl.plugin_name), impl.plugin_name)
+                plugins.registry(kind).add(cls, providers.get(impl.plugin_name, impl.plugin_name), impl.plugin_name)
     return plugins
 
 

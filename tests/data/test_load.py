@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from prefopt.data import load_rows
+from prefopt.data.load import looks_local
 from prefopt.errors import PrefoptError
 
 ROWS = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(3)]
@@ -94,6 +95,20 @@ def test_a_missing_file_is_named(tmp_path):
 def test_a_missing_relative_file_is_not_taken_for_a_hub_id():
     message = load_error("data/nope.jsonl", "train")
     assert "no such file" in message and "hub" not in message
+
+
+@pytest.mark.parametrize("path", [
+    "./model", "../data", "/abs/dir", "~/prefs", "runs/quickstart/model", "data\\train.jsonl",
+    "prefs.jsonl", "train.parquet", "train.jsonl.gz", "someone/prefs.csv",
+])
+def test_paths_that_cannot_be_hub_ids_look_local(path):
+    assert looks_local(path)
+
+
+@pytest.mark.parametrize("path", ["HuggingFaceTB/SmolLM2-360M-Instruct", "smollm2-135m-instruct", "someone/preferences",
+                                  "HuggingFaceTB/SmolLM2-1.7B", "gpt2"])
+def test_hub_ids_do_not_look_local(path):
+    assert not looks_local(path)
 
 
 def test_an_unsupported_file_type_lists_the_supported_ones(tmp_path):

@@ -17,8 +17,8 @@ import torch
 
 from cpo_orpo_harness import reference_free_pair_logps as pair_logps
 from cpo_orpo_harness import build_trainer, configure, random_pair_batch, response_logps, run_trl
-from prefopt import PairLogps
-from prefopt_plugins.losses.cpo import CPO, chosen_nll_per_pair
+from prefopt import PairLogps, chosen_nll_per_pair
+from prefopt_plugins.losses.cpo import CPO
 
 F64 = torch.float64
 
