@@ -15,23 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from prefopt.testing import PAIRS
+
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Plain-English preference pairs (prompt, chosen, rejected), enough for a few batches.
-PAIRS = [
-    ("The movie was", " a joy from start to finish.", " a dull and tedious mess."),
-    ("The acting in this film", " is warm and wonderful.", " is wooden and lifeless."),
-    ("I left the theater feeling", " happy and inspired.", " bored and annoyed."),
-    ("The soundtrack", " is lovely and moving.", " is grating and loud."),
-    ("Overall, the story", " is charming and clever.", " is confusing and flat."),
-    ("The director has made", " a beautiful, heartfelt film.", " an ugly, careless film."),
-    ("Critics will say the plot", " is gripping and fresh.", " is stale and predictable."),
-    ("The final scene", " left me smiling.", " left me cold."),
-    ("Its humor", " is sharp and delightful.", " is crude and tiresome."),
-    ("The cast", " shines in every role.", " struggles in every role."),
-    ("This sequel", " improves on the original.", " ruins the original."),
-    ("The dialogue", " sparkles with wit.", " falls painfully flat."),
-]
+# PAIRS: plain-English (prompt, chosen, rejected) pairs, enough for a few batches; the same ones prefopt.testing
+# gives plugin authors, so the fixtures and the authors' helper test on one data set.
 
 
 def pytest_configure(config):

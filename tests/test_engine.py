@@ -189,3 +189,15 @@ def test_a_phase_is_closed_however_the_run_ends_and_keeps_off_the_engines_file_n
     with pytest.raises(ValueError, match=r"checkpoint_state names tensor sets \['rng'\]"):
         engine.train(validated(one_step), phase=phase, show_progress=False)
     assert phase.closed
+
+
+def test_a_phase_that_plans_its_own_steps_must_say_how_many(tiny_model_dir, pairs_file, tmp_path):
+    from prefopt import Phase
+    from prefopt.errors import PrefoptError
+
+    class NoPlan(Phase):
+        pass
+
+    recipe = tiny_recipe(tiny_model_dir, pairs_file, tmp_path / "run", train={"max_steps": 1})
+    with pytest.raises(PrefoptError, match="NoPlan sets plans_own_steps but does not define total_steps"):
+        engine.train(validated(recipe), phase=NoPlan(plans_own_steps=True), show_progress=False)

@@ -251,7 +251,9 @@ class Phase:
     def total_steps(self, ctx: PhaseContext) -> int:
         """With ``plans_own_steps``: how many optimizer steps the run takes (``train.max_steps`` still caps
         it). Asked once, after ``start`` and ``restore``."""
-        raise NotImplementedError(f"{type(self).__name__} sets plans_own_steps, so it must define total_steps")
+        # A contract error of the plugin, not of the user's recipe: one line naming the phase class.
+        raise PrefoptError(f"{type(self).__module__}.{type(self).__qualname__} sets plans_own_steps but does not "
+                           "define total_steps(ctx); a phase that plans its own steps must say how many")
 
     def steps_per_epoch(self, ctx: PhaseContext) -> int | None:
         """With ``plans_own_steps``: the steps the logged ``epoch`` counts as one (e.g. one round); None
