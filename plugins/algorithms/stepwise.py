@@ -84,6 +84,10 @@ class Stepwise(Algorithm):
         if recipe.reference.path is not None or recipe.reference.sync is not None:
             raise PrefoptError("algorithm stepwise makes each stage's reference the previous stage's model; "
                                "remove reference.path and reference.sync")
+        if recipe.model.adapter is not None:  # stage 2 on would load it again onto stage 1's merged model
+            raise PrefoptError("algorithm stepwise starts each stage from the previous stage's merged model, onto "
+                               "which model.adapter would be loaded again; give the adapter merged into its base "
+                               "as model.path (with model.lora or model.peft for a fresh adapter each stage)")
 
     def run(self, recipe, plugins, *, show_progress: bool = True) -> dict:
         from accelerate import PartialState

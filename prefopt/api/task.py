@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence, Union
 
 from prefopt.api.plugin import Plugin, PluginConfig
 
@@ -20,6 +20,8 @@ __all__ = ["KL_METRIC", "EvalOptions", "Task", "TaskConfig", "TaskContext", "Tas
 
 # The key under which ``Task.evaluate`` returns the KL estimate when it is given a reference model.
 KL_METRIC = "kl/sequence_mean"
+
+Text = Union[str, list]  # a prompt: plain text, or chat messages [{"role": ..., "content": ...}]
 
 
 class TaskConfig(PluginConfig):
@@ -93,6 +95,18 @@ class Task(Plugin):
         arguments existed take only (model, tokenizer, data); callers check the signature.
         """
         return {}
+
+    def eval_prompts(self, data: TaskData) -> list[Text] | None:
+        """The task's held-out prompts in order (text, or chat messages), the ones ``evaluate`` scores: the
+        completions the engine samples while training (``eval.samples``) are of the first few. Optional; None:
+        the prompts of ``data.eval``'s pairs."""
+        return None
+
+    def score(self, prompts: Sequence[Text], completions: Sequence[str]) -> list[float] | None:
+        """The task's ground-truth reward of each completion (``prompts`` and ``completions`` are parallel
+        lists), higher is better: the engine logs it beside each completion it samples while training.
+        Optional; None: the task scores no single completion."""
+        return None
 
 
 def completion_logps(

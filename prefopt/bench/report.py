@@ -1,5 +1,6 @@
 """The leaderboard: ``leaderboard.md``, a self-contained ``leaderboard.html`` (figures embedded as base64
-PNG, no external assets), ``leaderboard.json`` (the per-entry statistics) and the PNG figures.
+PNG, no external assets; each under a heading and a sentence on how to read it), ``leaderboard.json`` (the
+per-entry statistics) and the PNG figures (``plots.py``).
 
 Entries are sorted by mean reward. Each cell is the mean over seeds with its spread: the sample standard
 deviation for 3 seeds or more, the [min, max] range for 2 (a standard deviation of two values says
@@ -16,7 +17,8 @@ from pathlib import Path
 from prefopt.bench.files import EVAL_FILE, read_json
 from prefopt.bench.plots import write_plots
 from prefopt.bench.recipe import Bench
-from prefopt.bench.results import METRICS, Spread, aggregate, seed_mean_curves
+from prefopt.bench.results import METRICS, Spread, aggregate, metric_lines
+from prefopt.paths import atomic_write_text
 
 COLUMNS = {  # metric -> (header, format)
     "reward": ("reward", ".3f"),
@@ -28,12 +30,23 @@ COLUMNS = {  # metric -> (header, format)
     "wall_s": ("train s", ".0f"),
     "final_loss": ("final loss", ".3f"),
 }
-FIGURES = {
-    "frontier": "Reward vs KL to the reference (DPO paper, Fig. 2 left)",
-    "curves": "Training curves (mean over seeds)",
-    "length_reward": "Reward vs completion length",
-    "throughput_memory": "Throughput and peak memory",
+FIGURES = {  # figure -> (heading, how to read it)
+    "frontier": ("Reward vs KL to the reference (DPO paper, Fig. 2 left)",
+                 "Up and to the left is better: each outlined marker is an entry's mean over seeds with bars "
+                 "from its lowest to its highest seed on both axes, the faint markers behind it are its runs, "
+                 "the star is the untrained initial model, and the dashed step line joins the entries that no "
+                 "other entry beats on both reward and KL (the Pareto front)."),
+    "curves": ("Training curves",
+               "Each line is an entry's mean over seeds against the optimizer step, and its shaded band spans "
+               "the lowest to the highest seed at that step; a panel names the entries that did not log its key."),
+    "length_reward": ("Reward vs completion length",
+                      "An entry that sits far to the right of the others at a similar reward buys its reward "
+                      "with length; bars span the lowest to the highest seed."),
+    "throughput_memory": ("Throughput and peak memory",
+                          "Longer bars are faster training (left) and more memory (right), entries in "
+                          "leaderboard order; the whiskers span the lowest to the highest seed."),
 }
+TEXT_COLUMNS = {"entry", "overrides", "run"}  # left-aligned; every other column holds numbers
 EXPLANATION = (
     "reward: mean ground-truth reward of completions sampled from the trained model on held-out prompts. "
     "KL: mean over those samples of log pi(y|x) - log pi_ref(y|x) summed over the completion's tokens "
@@ -131,9 +144,23 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> str:
 
 
 def _html_table(header: list[str], body: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    """Numbers right-aligned (their digits line up), names and paths left; wide tables scroll sideways."""
+    kinds = [f"text {h}" if h in TEXT_COLUMNS else "num" for h in header]
+    head = "".join(f"<th class='{k}'>{html.escape(h)}</th>" for h, k in zip(header, kinds))
+    rows = "".join("<tr>" + "".join(f"<td class='{k}'>{_html_cell(c, k)}</td>" for c, k in zip(row, kinds))
+                   + "</tr>" for row in body)
+    return f"<div class='wide'><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
+
+
+def _html_cell(text: str, kind: str) -> str:
+    """A mean and its spread ("0.5 ± 0.1", "0.5 [0.4, 0.6]") may break between the two, never inside
+    either, so a wide table narrows by putting spreads under their means; overrides and paths break after
+    a "=" or "/" first."""
+    escaped = html.escape(text)
+    if kind != "num":
+        return escaped.replace("=", "=<wbr>").replace("/", "/<wbr>")
+    mean, _, spread = escaped.partition(" ")
+    return f"{mean} <span class='spread'>{spread}</span>" if spread.startswith(("±", "[")) else escaped
 
 
 def write_markdown(path: Path, bench: Bench, rows, records, initial, figures: dict[str, Path]) -> Path:
@@ -142,20 +169,31 @@ def write_markdown(path: Path, bench: Bench, rows, records, initial, figures: di
              "more seeds, [min, max] for 2. " + EXPLANATION, "",
              _markdown_table(*_table(records, initial)), "", "## Figures", ""]
     for name, figure in figures.items():
-        parts += [f"![{FIGURES[name]}]({figure.name})", ""]
+        heading, reading = FIGURES[name]
+        parts += [f"### {heading}", "", reading, "", f"![{heading}]({figure.name})", ""]
     parts += ["## Runs", "", _markdown_table(*_run_table(rows)), ""]
-    path.write_text("\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))
     return path
 
 
+# The column is as wide as the figures are drawn (plots.WIDTH x plots.DPI), so they show unscaled on a wide
+# window and shrink with it on a narrow one.
 HTML_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1400px; color: #222; }
-table { border-collapse: collapse; font-size: 13px; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
-td:nth-child(2), th:nth-child(2), td:last-child { text-align: left; }
-thead { background: #f0f0f0; }
-img { max-width: 100%; margin: 0.5em 0 1.5em; }
-p { max-width: 80em; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1.5em; max-width: 1060px; color: #222;
+       line-height: 1.45; }
+.wide { overflow-x: auto; margin: 1em 0; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; vertical-align: top; }
+th { background: #f0f0f0; }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+.spread { white-space: nowrap; color: #555; }
+.text { text-align: left; }
+.overrides, .run { overflow-wrap: anywhere; min-width: 7em; }  /* these wrap, rather than the numbers */
+tbody tr:nth-child(even) { background: #fafafa; }
+figure { margin: 0 0 2em; }
+figcaption { margin: 0.2em 0 0.6em; color: #444; }
+img { display: block; max-width: 100%; height: auto; }
+h3 { margin: 1.6em 0 0.2em; }
 """
 
 
@@ -173,10 +211,11 @@ def write_html(path: Path, bench: Bench, rows, records, initial, figures: dict[s
     for name, figure in figures.items():
         # Embedded, so the page is one file that can be mailed or attached.
         data = base64.b64encode(figure.read_bytes()).decode("ascii")
-        parts += [f"<h3>{html.escape(FIGURES[name])}</h3>",
-                  f"<img alt='{html.escape(FIGURES[name])}' src='data:image/png;base64,{data}'>"]
+        heading, reading = (html.escape(text) for text in FIGURES[name])
+        parts += [f"<figure id='{name}'><h3>{heading}</h3><figcaption>{reading}</figcaption>",
+                  f"<img alt='{heading}' src='data:image/png;base64,{data}'></figure>"]
     parts += ["<h2>Runs</h2>", _html_table(*_run_table(rows)), "</body></html>"]
-    path.write_text("\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))
     return path
 
 
@@ -191,8 +230,30 @@ def write_json_summary(path: Path, bench: Bench, records, initial) -> Path:
                      **{m: r[m].as_dict() for m in METRICS}} for r in records],
         "initial": None if initial is None else {k: initial.get(k) for k in ("reward", "kl", "length")},
     }
-    path.write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(summary, indent=1) + "\n")
     return path
+
+
+def seed_bands(rows: list[dict], keys: tuple[str, ...]) -> dict[str, dict[str, list[tuple[int, float, float, float]]]]:
+    """entry -> key -> [(step, mean, lowest, highest)] over the seeds that logged ``key`` at that step, from
+    each run's metrics.jsonl (training lines, and evaluation lines for eval/* keys): curves.png's lines and
+    bands."""
+    values: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for row in rows:
+        per_key = values.setdefault(row["entry"], {key: {} for key in keys})
+        for line in metric_lines(Path(row["run_dir"])):
+            for key in keys:
+                number = line.get(key)
+                if isinstance(number, (int, float)):
+                    per_key[key].setdefault(line["step"], []).append(number)
+    bands = {}
+    for entry, per_key in values.items():
+        bands[entry] = {}
+        for key, steps in per_key.items():
+            spreads = [(step, Spread.of(seeds)) for step, seeds in sorted(steps.items())]
+            # Spread drops non-finite values; a step left with none is skipped rather than drawn as a gap.
+            bands[entry][key] = [(step, s.mean, s.min, s.max) for step, s in spreads if s.mean is not None]
+    return bands
 
 
 def write_report(bench: Bench, rows: list[dict]) -> dict[str, Path]:
@@ -201,7 +262,7 @@ def write_report(bench: Bench, rows: list[dict]) -> dict[str, Path]:
     initial = initial_result(bench)
     records = aggregate(rows, bench.entry_names)
     keys = tuple(bench.spec.plots.curves)
-    figures = write_plots(bench.dir, rows, records, initial, seed_mean_curves(rows, keys), keys) if rows else {}
+    figures = write_plots(bench.dir, rows, records, initial, seed_bands(rows, keys), keys) if rows else {}
     return {
         "markdown": write_markdown(bench.dir / "leaderboard.md", bench, rows, records, initial, figures),
         "html": write_html(bench.dir / "leaderboard.html", bench, rows, records, initial, figures),

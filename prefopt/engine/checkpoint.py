@@ -56,8 +56,9 @@ class TrainerState:
     # written as <name>.safetensors by the main process.
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     recipe: str = ""  # the run's recipe as YAML, saved beside the state it produced
-    # The non-finite guard's counts (``skipped_steps``, ``nonfinite_in_a_row``), so a resumed run goes on counting.
-    counters: dict[str, int] = field(default_factory=dict)
+    # What a resumed run goes on counting: the non-finite guard's counts (``skipped_steps``, ``nonfinite_in_a_row``),
+    # the tokens trained on (``num_tokens``) and early stopping's state (``early_stopping``, a mapping).
+    counters: dict[str, Any] = field(default_factory=dict)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -53,10 +53,15 @@ def check_distributed(recipe, accelerator) -> None:
             "eval.task_metrics samples from the model on the main process alone, which FSDP or ZeRO-3 cannot do "
             "(each process holds a shard of the weights); set eval.task_metrics=false"
         )
-    if recipe.model.lora is not None and recipe.output.save_model and recipe.output.merge_lora:
+    if recipe.model.has_adapter and recipe.output.save_model and recipe.output.merge_lora:
         raise PrefoptError(
             "output.merge_lora needs the whole model on one process, which FSDP or ZeRO-3 do not hold; "
             "set output.merge_lora=false (the adapter is saved) or train without sharding"
+        )
+    if recipe.model.quantization is not None:
+        raise PrefoptError(
+            "model.quantization is not supported under FSDP or ZeRO-3 (sharding quantized weights needs a storage "
+            "dtype prefopt does not set); train with DDP or one process, or remove model.quantization"
         )
 
 

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prefopt.engine.distributed import accelerate_owns_state
+from prefopt.engine.early_stopping import missing_metric
 from prefopt.engine.evaluation import evaluate_pairs, evaluate_task
 from prefopt.engine.metrics import PairMetrics
 from prefopt.engine.nonfinite import loss_state_before, step_is_finite, take_nonfinite_step
@@ -25,6 +26,7 @@ from prefopt.engine.optim import learning_rate_at
 from prefopt.engine.outputs import save
 from prefopt.engine.records import format_metrics, record
 from prefopt.engine.run import Run
+from prefopt.engine.samples import log_completions
 from prefopt.engine.scoring import forward_pairs
 from prefopt.forward.batching import collate_pairs
 from prefopt.forward.layouts import row_length
@@ -123,26 +125,39 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         take_nonfinite_step(run, step, values, loss_state)  # stops the run, or counts the step as skipped
     else:
         run.nonfinite_in_a_row = 0
+        # TRL's num_tokens: prompt and response tokens of every row trained on, padding aside, over the run (a
+        # skipped step trained on none)
+        run.num_tokens += int(metrics.total("tokens"))
+    values["num_tokens"] = run.num_tokens
     if t.on_nonfinite == "skip_step":
         values.update(skipped=float(not finite), skipped_steps=run.skipped_steps)
     return values
 
 
 def fit(run: Run, *, show_progress: bool = True) -> None:
+    """The optimizer steps from ``run.start_step`` to ``run.total_steps``, evaluating every ``train.eval_every``
+    steps and saving every ``train.save_every``. Early stopping (``eval.early_stopping``) ends them sooner: it
+    sets ``run.total_steps`` to the step it stopped at, where ``finish`` then evaluates and saves."""
     r = run.recipe
     metrics_file = run.run_dir / "metrics.jsonl"
     if run.start_step == 0 and r.eval.at_start:
-        baseline = {**evaluate_pairs(run), **evaluate_task(run)}
+        held_out = evaluate_pairs(run)
+        baseline = {**held_out, **evaluate_task(run)}
         record(run, metrics_file, 0, baseline)
         run.summary["eval_start"] = baseline
         if baseline:  # nothing to evaluate (no held-out pairs, no task): no empty line
             run.say(format_metrics("eval  step 0", baseline))
+        check_metric_name(run, held_out)
+    if resumed_stop(run):
+        stop_early(run, run.start_step)
+        return
 
     bar = tqdm(
         total=run.total_steps, initial=run.start_step, desc="training", unit="step",
         disable=not (show_progress and run.is_main), dynamic_ncols=True,
     )
     for step in range(run.start_step, run.total_steps):
+        log_completions(run, step)  # eval.samples, when due: completions from the weights after `step` steps
         # an algorithm's phase works around each step (a plain run's phase does nothing and measures nothing)
         record(run, metrics_file, step, run.phase.before_step(run.context, step), before_step=True)
         values = train_step(run, step)
@@ -156,9 +171,57 @@ def fit(run: Run, *, show_progress: bool = True) -> None:
         bar.set_postfix({name: format(values[key], spec) for name, (key, spec) in shown.items() if key in values})
         if r.train.eval_every and done % r.train.eval_every == 0 and done != run.total_steps:
             evaluated = evaluate_pairs(run)
+            stopper = run.early_stopping
+            if stopper is not None and main_decides(run, stopper.check(done, {**values, **evaluated})):
+                # finish evaluates these weights again, and records that evaluation at this step
+                stop_early(run, done)
+                break
             record(run, metrics_file, done, evaluated)
             if evaluated:
                 run.say(format_metrics(f"eval  step {done}", evaluated))
         if r.train.save_every and done % r.train.save_every == 0 and done != run.total_steps:
             save(run, done)
     bar.close()
+
+
+def check_metric_name(run: Run, held_out: dict[str, float]) -> None:
+    """Early stopping's metric, when it is a held-out one, among the baseline's held-out metrics: a misspelt
+    name fails before training rather than at the first evaluation."""
+    stopper = run.early_stopping
+    if stopper is not None and held_out and stopper.metric.startswith("eval/") and stopper.metric not in held_out:
+        raise missing_metric(stopper.metric, held_out)
+
+
+def resumed_stop(run: Run) -> bool:
+    """Whether a resumed run stops before its first step: its patience was spent (a run that stopped early,
+    run again), or is now, at the checkpoint's own evaluation. A finished run's last checkpoint was evaluated
+    by ``finish`` but checked by nothing; a run continued past it (a larger train.max_steps) checks that
+    evaluation now, as an uninterrupted run did at that step (a training metric was not kept; that check is
+    left out)."""
+    stopper, every, step = run.early_stopping, run.recipe.train.eval_every, run.start_step
+    if stopper is None or step == 0:
+        return False
+    if stopper.spent:
+        return True
+    unchecked = stopper.last_checked is None or stopper.last_checked < step
+    if every and step % every == 0 and step < run.total_steps and unchecked:
+        evaluated = evaluate_pairs(run)
+        return stopper.metric in evaluated and stopper.check(step, evaluated)
+    return False
+
+
+def main_decides(run: Run, stop: bool) -> bool:
+    """The main process's decision, on every process: all of them must leave the loop at the same step, and a
+    metric measured per process (tokens_per_s) can differ between them."""
+    if run.accelerator.num_processes == 1:
+        return stop
+    from accelerate.utils import broadcast_object_list
+
+    return bool(broadcast_object_list([stop])[0])
+
+
+def stop_early(run: Run, step: int) -> None:
+    """End training at ``step``: ``finish`` then evaluates, saves and reports it as the run's last step."""
+    run.summary["stopped_early"] = run.early_stopping.record(step)
+    run.say(run.early_stopping.describe(step))
+    run.total_steps = step

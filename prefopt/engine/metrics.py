@@ -10,6 +10,17 @@ rewards and log-probs over the desirable examples, ``rewards/rejected`` and ``lo
 undesirable ones, ``rewards/margins`` is the difference of the two reward means, and there is no
 ``rewards/accuracies`` (no pair to rank). A step without desirable (or undesirable) examples logs no
 value for the keys that average over them.
+
+Token statistics (evaluation only: ``add_token_stats``), as TRL's DPOTrainer logs them: ``logits/chosen`` and
+``logits/rejected`` are the mean over the vocabulary of the policy's logits, averaged over every response token
+of the chosen (rejected) responses; ``entropy`` is the mean entropy of the policy's next-token distribution over
+every response token of both. Means over tokens, not over pairs: a long response weighs more. For unpaired
+examples ``logits/chosen`` averages the desirable examples' completions, ``logits/rejected`` the undesirable
+ones', and ``entropy`` every example's own completion (not the KL samples).
+
+Ties: ``rewards/accuracies`` counts a pair the policy ranks first as 1, second as 0 (TRL's count), and one
+whose log-ratio margin is float rounding away from zero as 0.5, so step 0 (policy = reference) gives exactly
+0.5 whatever the reduction order of the two forwards (``TIE_RTOL``).
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import torch
 from torch import Tensor
 
 from prefopt.api.loss import LossOutput, PairLogps
+from prefopt.forward.logprobs import SequenceLogps
 
 # Unpaired metrics that are a difference of two means, computed after the sums are gathered.
 UNPAIRED_DIFFERENCES = {"rewards/margins": ("rewards/chosen", "rewards/rejected")}
@@ -49,6 +61,24 @@ class PairMetrics:
             self.sums[key] += float(value.sum())
             self.counts[key] += value.numel()
         self.pairs += int(per_pair.numel())
+
+    @torch.no_grad()
+    def add_token_stats(self, policy: SequenceLogps, labels: Tensor | None = None) -> None:
+        """The policy's ``logits/chosen``, ``logits/rejected`` and ``entropy`` on a batch (its ``sequence_logps``
+        with ``token_stats``; ``labels`` for unpaired examples): sums over response tokens, counted in tokens."""
+        chosen, rejected = policy.split()
+        if labels is None:
+            parts = {"logits/chosen": (chosen.mean_logit_sums, chosen.token_counts),
+                     "logits/rejected": (rejected.mean_logit_sums, rejected.token_counts),
+                     "entropy": (policy.entropy_sums, policy.token_counts)}
+        else:
+            desirable = labels.to(chosen.token_counts.device)
+            parts = {"logits/chosen": (chosen.mean_logit_sums[desirable], chosen.token_counts[desirable]),
+                     "logits/rejected": (chosen.mean_logit_sums[~desirable], chosen.token_counts[~desirable]),
+                     "entropy": (chosen.entropy_sums, chosen.token_counts)}
+        for key, (sums, tokens) in parts.items():
+            self.sums[key] += float(sums.double().sum())
+            self.counts[key] += float(tokens.sum())
 
     def _unpaired(self, logps: PairLogps, output: LossOutput) -> dict[str, Tensor]:
         # Each example's own completion is its chosen sequence; the rejected one is only a KL sample.
@@ -93,6 +123,15 @@ class PairMetrics:
         return self._reduced_totals[name]
 
 
+# A pair whose policy log-ratio margin is within this share of its four log-probs' size is ranked by the
+# policy exactly as by the reference: a tie. Two float32 forwards of the same weights over differently padded
+# batches (the reference cache is built in length-sorted batches, training and evaluation batch otherwise)
+# differ by float rounding, about 1e-9 of the log-probs' size on the quickstart (margins of 1e-8 nats
+# against sums of about 50); 1e-6 leaves a thousandfold room, while a step of training moves margins by
+# 1e-3 nats and more on sums of that size.
+TIE_RTOL = 1e-6
+
+
 def _paired(logps: PairLogps, output: LossOutput) -> dict[str, Tensor]:
     chosen, rejected = output.chosen_rewards.float(), output.rejected_rewards.float()
     return {
@@ -100,7 +139,21 @@ def _paired(logps: PairLogps, output: LossOutput) -> dict[str, Tensor]:
         "rewards/chosen": chosen,
         "rewards/rejected": rejected,
         "rewards/margins": chosen - rejected,
-        "rewards/accuracies": (chosen > rejected).float(),
+        "rewards/accuracies": _accuracies(logps, chosen, rejected),
         "logps/chosen": logps.policy_chosen.detach().float(),
         "logps/rejected": logps.policy_rejected.detach().float(),
     }
+
+
+def _accuracies(logps: PairLogps, chosen: Tensor, rejected: Tensor) -> Tensor:
+    """1 where the implicit reward ranks the chosen response first, 0 where it ranks it second, as TRL counts;
+    0.5 for a tie: a pair whose policy log-ratio margin is float rounding away from 0 (``TIE_RTOL``). So at
+    step 0, where the policy is its reference, accuracy is exactly 0.5 instead of a count of rounding signs."""
+    wins = (chosen > rejected).float()
+    if logps.ref_chosen is None or logps.ref_rejected is None:
+        return wins  # no reference: a margin of 0 is not a rounding artefact, and rewards rarely tie exactly
+    terms = (logps.policy_chosen, logps.policy_rejected, logps.ref_chosen, logps.ref_rejected)
+    size = sum(t.detach().double().abs() for t in terms)
+    margin = logps.logratio_margin.detach().double()
+    tie = (margin.abs() <= TIE_RTOL * size).to(wins.device)
+    return torch.where(tie, torch.full_like(wins, 0.5), wins)

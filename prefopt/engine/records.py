@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from prefopt.api.callbacks import notify_record
 from prefopt.disk import writing
 from prefopt.engine.run import Run
 from prefopt.errors import PrefoptError
@@ -29,6 +30,7 @@ def record(run: Run, path: Path, step: int, values: dict[str, float], *, before_
     run.accelerator.log(values, step=step)
     if run.is_main:
         append_line(path, json.dumps({"step": step, **({"before_step": True} if before_step else {}), **values}))
+        notify_record(step, values)  # the caller's callbacks (prefopt.train); one that raises stops the run
 
 
 def append_line(path: Path, line: str) -> None:
@@ -87,6 +89,7 @@ def format_metrics(head: str, values: dict[str, float]) -> str:
 
 
 def flat_config(recipe) -> dict[str, Any]:
-    """The recipe as flat scalars, which is what TensorBoard's hparams accept: lists and None as their text."""
+    """The recipe as flat scalars, the hyperparameters every tracker gets (TensorBoard's hparams accept only
+    scalars): lists and None as their text."""
     flat = flatten(recipe.model_dump(mode="json"))
     return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in flat.items()}

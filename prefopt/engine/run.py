@@ -44,6 +44,11 @@ class Run:
     # train.on_nonfinite=skip_step's counts (nonfinite.py), kept in every checkpoint
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
+    eval_sets: dict[str, TokenizedPairs] = field(default_factory=dict)  # eval.sets, by name (no prompt-only ones)
+    # kept in every checkpoint: tokens of the applied steps (num_tokens), eval.early_stopping's counts
+    num_tokens: int = 0
+    early_stopping: Any = None  # prefopt.engine.early_stopping.EarlyStopping, when the recipe asks for it
+    completions: Any = None  # eval.samples: what samples and scores completions while training (samples.py)
 
     @cached_property
     def context(self) -> PhaseContext:

@@ -7,16 +7,24 @@ from typing import Any
 from prefopt.api.loss import PairLogps
 from prefopt.engine.run import Run
 from prefopt.forward.batching import PreferenceBatch
-from prefopt.forward.logprobs import sequence_logps
+from prefopt.forward.logprobs import SequenceLogps, sequence_logps
 from prefopt.forward.pairs import pair_logps
 
 
 def forward_pairs(run: Run, batch: PreferenceBatch, reference, model=None) -> tuple[PairLogps, Any]:
     """The loss of one batch under ``model`` (default: the prepared policy)."""
+    _, logps, output = score_pairs(run, batch, reference, model)
+    return logps, output
+
+
+def score_pairs(run: Run, batch: PreferenceBatch, reference, model=None, *, token_stats: bool = False
+                ) -> tuple[SequenceLogps, PairLogps, Any]:
+    """``forward_pairs``, with the policy's own sequence results first; ``token_stats`` adds its entropy and mean
+    logits to them (evaluation's ``entropy`` and ``logits/*``)."""
     policy_logps = sequence_logps(
         run.policy if model is None else model, batch, chunk_size=run.recipe.train.logprob_chunk_size,
-        collision=run.loss.requires_token_log_collision, layout=run.recipe.train.layout,
+        collision=run.loss.requires_token_log_collision, layout=run.recipe.train.layout, token_stats=token_stats,
     )
     reference_logps = reference(batch) if reference is not None else None
     logps = pair_logps(policy_logps, reference_logps, run.loss, batch.labels)
-    return logps, run.loss(logps)
+    return policy_logps, logps, run.loss(logps)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from prefopt.data.splits import load_split
 from prefopt.data.types import TokenizedPairs
 from prefopt.engine import checkpoint as ckpt
 from prefopt.engine import optim
+from prefopt.engine.early_stopping import EarlyStopping
 from prefopt.engine.distributed import (
     accelerate_owns_state, check_distributed, configure_deepspeed, cpu_processes, sharded_params,
 )
@@ -31,10 +33,14 @@ from prefopt.engine.outputs import check_model_dir
 from prefopt.engine.records import flat_config, truncate_metrics
 from prefopt.engine.resuming import check_same_recipe, checkpoint_to_resume
 from prefopt.engine.run import Run
+from prefopt.engine.samples import build_completions
+from prefopt.engine.trackers import build_trackers, start_trackers, tracker_notices
 from prefopt.errors import PrefoptError
 from prefopt.locks import claim_run_dir
-from prefopt.models.loading import add_lora, load_causal_lm, load_tokenizer, resolve_model_path
+from prefopt.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from prefopt.models.peft import add_adapter
 from prefopt.paths import cache_dir
+from prefopt.publish.hub import token_from_env
 from prefopt.recipe import build_loss, dump_recipe
 from prefopt.reference.setup import (
     References, assemble, build_extra_caches, build_primary, check_reference_recipe,
@@ -74,10 +80,11 @@ def setup(recipe, plugins: Plugins | None = None, *, phase: Phase | None = None,
     run = Run(
         recipe=recipe, accelerator=accelerator, run_dir=Path(recipe.output.dir), tokenizer=models.tokenizer,
         policy=policy, optimizer=optimizer, loss=loss, train_pairs=data.train, eval_pairs=data.eval,
+        eval_sets=data.eval_sets, early_stopping=EarlyStopping.from_recipe(recipe),
         references=references, task=data.task, task_data=data.task_data, start_step=0, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, accumulation=accumulation,
-        summary={"reference": references.info if references is not None else None},
-        train_rows=data.train_rows, phase=phase,
+        summary={"reference": references.info if references is not None else None, **eval_sets_summary(data)},
+        train_rows=data.train_rows, phase=phase, completions=build_completions(recipe, plugins, accelerator),
     )
     extra = resume(run, checkpoint)
     start_records(run)
@@ -109,7 +116,7 @@ def build_accelerator(recipe):
     accelerator = Accelerator(
         cpu=cpu_processes(),
         mixed_precision=recipe.train.mixed_precision,
-        log_with=list(recipe.output.trackers) or None,
+        log_with=build_trackers(recipe.output.trackers, Path(recipe.output.dir)) or None,  # built, not started
         project_dir=str(Path(recipe.output.dir)),
     )
     check_distributed(recipe, accelerator)
@@ -159,6 +166,7 @@ class ModelLoader:
 
     def __init__(self, recipe, accelerator) -> None:
         self.config = recipe.model
+        self.device = accelerator.device  # quantized weights load straight onto it
         with accelerator.main_process_first():
             self.path = resolve_model_path(self.config.path)
         self.tokenizer = load_tokenizer(self.path, revision=self.config.revision,
@@ -171,20 +179,22 @@ class ModelLoader:
             m = self.config
             self._model = load_causal_lm(
                 self.path, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code,
-                attn_implementation=m.attn_implementation,
+                attn_implementation=m.attn_implementation, quantization=m.quantization, device=self.device,
             )
         return self._model
 
 
 @dataclass
 class Data:
-    """What ``build_data`` read: the training pairs and the rows they index, held-out pairs, the task."""
+    """What ``build_data`` read: the training pairs and the rows they index, held-out pairs, the named eval
+    sets, the task."""
 
     train: TokenizedPairs
     train_rows: Any  # the source rows the training pairs' ``row`` numbers index
     eval: TokenizedPairs | None
     task: Task | None
     task_data: TaskData | None
+    eval_sets: dict[str, TokenizedPairs] = field(default_factory=dict)  # eval.sets, by name
 
 
 def build_data(recipe, plugins: Plugins, phase: Phase, models: ModelLoader, loss, accelerator, say,
@@ -208,7 +218,49 @@ def build_data(recipe, plugins: Plugins, phase: Phase, models: ModelLoader, loss
         load_split(recipe, models.tokenizer, *eval_source, recipe.data.max_eval_pairs, loss, say, prompt_only="drop")
         if eval_source else None
     )
-    return Data(train=train, train_rows=selection.rows, eval=held_out, task=task, task_data=task_data)
+    eval_sets = load_eval_sets(recipe, models.tokenizer, loss, say)
+    return Data(train=train, train_rows=selection.rows, eval=held_out, task=task, task_data=task_data,
+                eval_sets=eval_sets)
+
+
+def load_eval_sets(recipe, tokenizer, loss, say) -> dict[str, TokenizedPairs]:
+    """``eval.sets``, each read and tokenized as the held-out split is (the data section's lengths and rules,
+    the set's own path, split, subset, columns and format); a prompt-only set holds no pairs and is left out,
+    with a note. A problem with a set is one line naming its keys (``eval.sets.<name>.path``, ...)."""
+    sets = {}
+    for name, spec in recipe.eval.sets.items():
+        d = recipe.data
+        data = d.model_copy(update={"subset": spec.subset, "columns": spec.columns or d.columns,
+                                    "format": spec.format or d.format})
+        said = lambda line, name=name: say(in_eval_set(line, name))  # noqa: E731
+        try:
+            pairs = load_split(recipe.model_copy(update={"data": data}), tokenizer, spec.path, spec.split,
+                               spec.max_pairs, loss, said, prompt_only="drop")
+        except PrefoptError as exc:
+            message = in_eval_set(str(exc), name)
+            named = f"eval.sets.{name}." in message or message.startswith(f"eval.sets.{name}:")
+            raise PrefoptError(message if named else f"eval.sets.{name}: {message}") from exc
+        if pairs is not None:
+            sets[name] = pairs
+    return sets
+
+
+# The data section's keys that an eval set has its own of, as load_split's messages name them, longest first
+# (data.eval_split alone is in the note on prompt-only data: the set's path is what to change).
+_SET_KEYS = {"data.train_split / data.eval_split": "split", "data.train_split": "split", "data.eval_split": "path",
+             "data.columns": "columns", "data.format": "format", "data.subset": "subset", "data.path": "path"}
+_SET_KEY = re.compile("|".join(re.escape(key) for key in _SET_KEYS))
+
+
+def in_eval_set(message: str, name: str) -> str:
+    """A message about data as it reads for eval set ``name``: its keys are eval.sets.<name>.*, not data.*."""
+    message = _SET_KEY.sub(lambda m: f"eval.sets.{name}.{_SET_KEYS[m.group()]}", message)
+    return f"eval.sets.{name}: {message.removeprefix('data: ')}" if message.startswith("data: ") else message
+
+
+def eval_sets_summary(data: Data) -> dict:
+    """``summary.json``'s ``eval_sets``: each set's pair count (nothing without sets)."""
+    return {"eval_sets": {name: len(pairs) for name, pairs in data.eval_sets.items()}} if data.eval_sets else {}
 
 
 class TrainSelection:
@@ -249,18 +301,24 @@ def build_extra_references(recipe, tokenizer, data: Data, accelerator, say, show
     is in memory beside the policy. Returns the caches per reference and split, and their summaries."""
     if not recipe.reference.extra:
         return [], []
-    return build_extra_caches(recipe, tokenizer, [data.train, data.eval], accelerator.device, show_progress, say,
+    splits = [data.train, data.eval, *data.eval_sets.values()]
+    return build_extra_caches(recipe, tokenizer, splits, accelerator.device, show_progress, say,
                               accelerator.main_process_first)
 
 
 def build_policy(recipe, models: ModelLoader, accelerator) -> torch.nn.Module:
-    """The policy as it trains: the initial weights, a LoRA adapter if asked, on the run's device."""
+    """The policy as it trains: the initial weights, the recipe's adapter if any (model.lora, model.peft or
+    model.adapter, over base weights that may be quantized), on the run's device."""
     m = recipe.model
-    policy = models.get().train()
-    if m.lora is not None:
-        policy = add_lora(policy, m.lora)
+    policy = add_adapter(models.get().train(), m)
     if m.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.24 renamed it activation_checkpointing_enable; the old name warns, and goes in v6
+        if hasattr(policy, "activation_checkpointing_enable"):
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if m.quantization is not None:
+        return policy  # quantized weights were loaded onto the device and cannot be moved
     return policy.to(accelerator.device)
 
 
@@ -270,12 +328,12 @@ def build_references(recipe, phase: Phase, loss, accelerator, policy, tokenizer,
     a loss that needs no reference."""
     if not loss.requires_reference:
         return None
-    primary_train, primary_eval, following, info = build_primary(
+    primary_train, primary_eval, following, info, primary_sets = build_primary(
         recipe, accelerator, policy, tokenizer, data.train, data.eval, show_progress, say,
-        following=phase.reference_follows_policy,
+        following=phase.reference_follows_policy, eval_sets=data.eval_sets,
     )
     extra_caches, extra_info = extra_references
-    return assemble(primary_train, primary_eval, following, extra_caches, info, extra_info)
+    return assemble(primary_train, primary_eval, following, extra_caches, info, extra_info, primary_sets)
 
 
 def build_optimizer(recipe, params) -> torch.optim.Optimizer:
@@ -330,6 +388,9 @@ def resume(run: Run, checkpoint: Path | None) -> dict:
     run.loss.load_state_dict(state.loss_state)
     run.skipped_steps = state.counters.get("skipped_steps", 0)
     run.nonfinite_in_a_row = state.counters.get("nonfinite_in_a_row", 0)
+    run.num_tokens = state.counters.get("num_tokens", 0)
+    if run.early_stopping is not None:
+        run.early_stopping.load_state_dict(state.counters.get("early_stopping"), run.say)
     if run.reference is not None and run.reference.following is not None:
         run.reference.following.weights.load_state_dict(ckpt.load_tensors(checkpoint, "reference"))
     run.start_step = state.step
@@ -339,11 +400,16 @@ def resume(run: Run, checkpoint: Path | None) -> dict:
 
 
 def start_records(run: Run) -> None:
-    """metrics.jsonl cut back to where the run continues, and the trackers started."""
+    """metrics.jsonl cut back to where the run continues, and the trackers started (a push's token checked
+    now, not after training)."""
     if run.is_main:
         truncate_metrics(run.run_dir / "metrics.jsonl", run.start_step)
-    if run.recipe.output.trackers:
-        run.accelerator.init_trackers("prefopt", config=flat_config(run.recipe))
+    for notice in tracker_notices(run.recipe.output.trackers):
+        run.say(notice)
+    start_trackers(run.accelerator, flat_config(run.recipe), run.start_step)
+    push = run.recipe.output.push_to_hub
+    if push is not None:
+        token_from_env(push.token_env, "output.push_to_hub.token_env")
 
 
 def start_phase(run: Run, checkpoint: Path | None, extra: dict) -> None:

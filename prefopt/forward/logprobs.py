@@ -13,6 +13,11 @@ logits, log-softmax in chunks of rows. Both paths give the same numbers (tests/t
 
 Both paths run the batch in any layout of ``prefopt.forward.layouts`` (padded, packed, prefix-shared) and read
 the predictions back in the padded layout's order, so results have the same shape whatever the layout.
+
+On request (``token_stats``) each chunk also gives, from the float32 logits it holds anyway, the entropy of
+every response position's next-token distribution and its logits' mean over the vocabulary (TRL's ``entropy``
+and ``logits/*``), summed per sequence and detached. Under gradient checkpointing they are taken in the
+forward only, not again when backward recomputes the chunk.
 """
 
 from __future__ import annotations
@@ -41,15 +46,22 @@ class SequenceLogps:
     mask: Tensor  # (2B, T-1) bool: response targets
     # (2B, T-1) log sum_v p_v^2 of each next-token distribution (WPO's weights), detached; only on request
     token_log_collision: Tensor | None = None
+    # (2B,) summed over the response positions: the entropy of the next-token distribution, and the mean of
+    # the logits over the vocabulary; detached, float32, only on request (``token_stats``)
+    entropy_sums: Tensor | None = None
+    mean_logit_sums: Tensor | None = None
 
     def split(self) -> tuple["SequenceLogps", "SequenceLogps"]:
         """(chosen, rejected) halves."""
         half = self.sums.shape[0] // 2
-        collision = self.token_log_collision
-        pick = lambda sl: SequenceLogps(  # noqa: E731
-            self.sums[sl], self.token_counts[sl], self.token_logps[sl], self.mask[sl],
-            None if collision is None else collision[sl],
-        )
+
+        def pick(rows: slice) -> SequenceLogps:
+            cut = lambda t: None if t is None else t[rows]  # noqa: E731
+            return SequenceLogps(
+                self.sums[rows], self.token_counts[rows], self.token_logps[rows], self.mask[rows],
+                cut(self.token_log_collision), cut(self.entropy_sums), cut(self.mean_logit_sums),
+            )
+
         return pick(slice(0, half)), pick(slice(half, None))
 
 
@@ -87,10 +99,15 @@ def supports_head_path(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def _selected_logps(logits: Tensor, targets: Tensor, collision: bool) -> tuple[Tensor, Tensor | None]:
-    """Log-prob of each target under float32 ``logits`` (N, V), and optionally log sum_v p_v^2 (detached)."""
+def _selected_logps(logits: Tensor, targets: Tensor, collision: bool, stats: list | None = None
+                    ) -> tuple[Tensor, Tensor | None]:
+    """Log-prob of each target under float32 ``logits`` (N, V), and optionally log sum_v p_v^2 (detached).
+    ``stats``, an empty list, receives the positions' ``_token_stats``."""
     normalizer = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normalizer
+    # an empty list only: backward's recomputation of a checkpointed chunk finds it filled and skips the work
+    if stats is not None and not stats:
+        stats.append(_token_stats(logits.detach(), normalizer.detach()))
     if not collision:
         return logps, None
     with torch.no_grad():  # a weight, never a path for gradients
@@ -98,16 +115,25 @@ def _selected_logps(logits: Tensor, targets: Tensor, collision: bool) -> tuple[T
     return logps, log_collision
 
 
-def _chunk_logps(head: nn.Module, hidden: Tensor, targets: Tensor, collision: bool) -> tuple[Tensor, Tensor | None]:
-    return _selected_logps(head(hidden).float(), targets, collision)
+@torch.no_grad()
+def _token_stats(logits: Tensor, normalizer: Tensor) -> Tensor:
+    """(..., 2): each position's entropy, -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v (TRL's form), and
+    its logits' mean over the vocabulary."""
+    weighted = (torch.exp(logits - normalizer.unsqueeze(-1)) * logits).sum(-1)
+    return torch.stack([normalizer - weighted, logits.mean(-1)], dim=-1)
+
+
+def _chunk_logps(head: nn.Module, hidden: Tensor, targets: Tensor, collision: bool, stats: list | None = None
+                 ) -> tuple[Tensor, Tensor | None]:
+    return _selected_logps(head(hidden).float(), targets, collision, stats)
 
 
 def _head_path(
     model: nn.Module, batch: PreferenceBatch, inputs: LayoutInputs, targets_mask: Tensor, chunk_size: int,
-    collision: bool,
+    collision: bool, stats: list | None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the response targets (flat, row-major over ``targets_mask``), and optionally their
-    distributions' log collision probabilities."""
+    distributions' log collision probabilities; ``stats`` collects each chunk's ``_token_stats``."""
     inner = _inner_model(model)
     captured: list[Tensor] = []
     hook = inner.get_decoder().register_forward_hook(
@@ -129,12 +155,22 @@ def _head_path(
     pieces = []
     for start in range(0, targets.numel(), chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        chunk_stats = _chunk_sink(stats)
         if torch.is_grad_enabled():
             # Recompute this chunk's logits in backward instead of keeping (chunk x vocab) floats alive.
-            pieces.append(checkpoint(_chunk_logps, head, h, t, collision, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logps, head, h, t, collision, chunk_stats, use_reentrant=False))
         else:
-            pieces.append(_chunk_logps(head, h, t, collision))
+            pieces.append(_chunk_logps(head, h, t, collision, chunk_stats))
     return _concat(pieces, hidden, collision)
+
+
+def _chunk_sink(stats: list | None) -> list | None:
+    """A fresh list for one chunk's ``_token_stats``, kept in ``stats`` (None: none asked for)."""
+    if stats is None:
+        return None
+    sink: list = []
+    stats.append(sink)
+    return sink
 
 
 def _concat(pieces: list, like: Tensor, collision: bool) -> tuple[Tensor, Tensor | None]:
@@ -147,26 +183,29 @@ def _concat(pieces: list, like: Tensor, collision: bool) -> tuple[Tensor, Tensor
 
 def _logits_path(
     model: nn.Module, batch: PreferenceBatch, inputs: LayoutInputs, targets_mask: Tensor, chunk_size: int,
-    collision: bool,
+    collision: bool, stats: list | None,
 ) -> tuple[Tensor, Tensor | None]:
     logits = model(**inputs.model_kwargs(), use_cache=False).logits
     if inputs.source is not None:
-        return _gathered_logits_logps(logits, inputs, batch, targets_mask, chunk_size, collision)
+        return _gathered_logits_logps(logits, inputs, batch, targets_mask, chunk_size, collision, stats)
     logits = logits[:, :-1]
     targets = batch.input_ids[:, 1:]
     rows_per_chunk = max(1, chunk_size // max(1, logits.shape[1]))
     pieces = []
     for start in range(0, logits.shape[0], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
-        logp, log_collision = _selected_logps(logits[rows].float(), targets[rows], collision)
+        chunk_stats = _chunk_sink(stats)
+        logp, log_collision = _selected_logps(logits[rows].float(), targets[rows], collision, chunk_stats)
         keep = targets_mask[rows]
+        if chunk_stats:
+            chunk_stats[0] = chunk_stats[0][keep]
         pieces.append((logp[keep], None if log_collision is None else log_collision[keep]))
     return _concat(pieces, logits, collision)
 
 
 def _gathered_logits_logps(
     logits: Tensor, inputs: LayoutInputs, batch: PreferenceBatch, targets_mask: Tensor, chunk_size: int,
-    collision: bool,
+    collision: bool, stats: list | None,
 ) -> tuple[Tensor, Tensor | None]:
     """The logits path for a non-padded layout: the predicting positions are gathered from the flat
     (R * L, V) logits ``chunk_size`` at a time, so only a chunk is ever in float32."""
@@ -176,7 +215,8 @@ def _gathered_logits_logps(
     pieces = []
     for start in range(0, targets.numel(), chunk_size):
         rows = sources[start : start + chunk_size]
-        pieces.append(_selected_logps(flat_logits[rows].float(), targets[start : start + chunk_size], collision))
+        pieces.append(_selected_logps(flat_logits[rows].float(), targets[start : start + chunk_size], collision,
+                                      _chunk_sink(stats)))
     return _concat(pieces, logits, collision)
 
 
@@ -188,28 +228,46 @@ def sequence_logps(
     use_head_path: bool | None = None,
     collision: bool = False,
     layout: str = "padded",
+    token_stats: bool = False,
 ) -> SequenceLogps:
     """Summed and per-token response log-probs of every row of ``batch`` under ``model``.
 
     ``collision`` also returns each response position's log sum_v p_v^2 (for WPO); it costs one more
-    log-sum-exp over the vocabulary per token. ``layout`` is how the batch goes through the model
-    (``prefopt.forward.layouts``); the results are the same for every layout, up to float summation order.
+    log-sum-exp over the vocabulary per token. ``token_stats`` also returns each row's summed entropy and mean
+    logit (``entropy_sums``, ``mean_logit_sums``); two more passes over each chunk's logits. ``layout`` is how
+    the batch goes through the model (``prefopt.forward.layouts``); the results are the same for every layout,
+    up to float summation order.
     """
     targets_mask = batch.response_mask[:, 1:]
     if use_head_path is None:
         use_head_path = supports_head_path(model)
     inputs = layout_inputs(_inner_model(model), batch, layout)
     path = _head_path if use_head_path else _logits_path
-    flat, flat_collision = path(model, batch, inputs, targets_mask, chunk_size, collision)
+    stats: list | None = [] if token_stats else None
+    flat, flat_collision = path(model, batch, inputs, targets_mask, chunk_size, collision, stats)
     token_logps = torch.zeros(targets_mask.shape, dtype=flat.dtype, device=flat.device)
     token_logps = token_logps.masked_scatter(targets_mask, flat)
     token_log_collision = None
     if flat_collision is not None:
         token_log_collision = torch.zeros_like(token_logps).masked_scatter(targets_mask, flat_collision)
+    entropy_sums = mean_logit_sums = None
+    if stats is not None:
+        entropy_sums, mean_logit_sums = _per_sequence(stats, targets_mask, flat)
     return SequenceLogps(
         sums=token_logps.sum(-1),
         token_counts=targets_mask.sum(-1).to(token_logps.dtype),
         token_logps=token_logps,
         mask=targets_mask,
         token_log_collision=token_log_collision,
+        entropy_sums=entropy_sums,
+        mean_logit_sums=mean_logit_sums,
     )
+
+
+def _per_sequence(stats: list[list[Tensor]], targets_mask: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The chunks' flat (N, 2) token stats summed per row of the batch: (entropy sums, mean-logit sums)."""
+    flat = torch.cat([sink[0] for sink in stats]) if stats else like.new_zeros(0, 2, dtype=torch.float32)
+    per_token = flat.new_zeros(*targets_mask.shape, 2)
+    per_token[targets_mask] = flat
+    sums = per_token.sum(1)
+    return sums[:, 0], sums[:, 1]

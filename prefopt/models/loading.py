@@ -1,4 +1,5 @@
-"""Loading the policy, its tokenizer and a reference model; LoRA; fingerprints of weights."""
+"""Loading the policy, its tokenizer and a reference model; fingerprints of weights. Adapters (LoRA and
+every other PEFT type) are ``prefopt.models.peft``; quantized weights ``prefopt.models.quantization``."""
 
 from __future__ import annotations
 
@@ -51,13 +52,18 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     key: str = "model.path",
+    quantization=None,
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """``key`` is the recipe key that named ``path``, for errors (its ``trust_remote_code`` is its sibling)."""
+    """``key`` is the recipe key that named ``path``, for errors (its ``trust_remote_code`` is its sibling).
+    ``quantization`` (section ``model.quantization``) loads the weights quantized, straight onto ``device``."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": DTYPES[dtype], "revision": revision, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        kwargs.update(_quantized_load(quantization, DTYPES[dtype], device))
     path = _checked_local_path(path, key)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -70,7 +76,20 @@ def load_causal_lm(
         if "trust_remote_code" in str(exc):
             raise _remote_code_error(path, key) from None
         raise
+    if quantization is not None:
+        from prefopt.models.quantization import keep_cpu_layout
+
+        keep_cpu_layout(model)
     return model
+
+
+def _quantized_load(quantization, dtype: torch.dtype, device) -> dict:
+    """from_pretrained's arguments for quantized weights: bitsandbytes quantizes them as they load, in place
+    on their device (a quantized model cannot be moved after)."""
+    from prefopt.models.quantization import bnb_config, check_supported
+
+    check_supported(quantization, device)
+    return {"quantization_config": bnb_config(quantization, dtype), "device_map": {"": torch.device(device)}}
 
 
 def _checked_local_path(path: str, key: str) -> str:
@@ -119,7 +138,8 @@ def _remote_code_error(path: str, key: str) -> PrefoptError:
 
 
 def add_lora(model: nn.Module, lora) -> nn.Module:
-    """Wrap ``model`` with a fresh LoRA adapter (recipe section model.lora); only the adapter trains."""
+    """Wrap ``model`` with a fresh LoRA adapter (recipe section model.lora); only the adapter trains.
+    ``prefopt.models.peft.add_adapter`` takes every adapter a recipe can name."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -147,57 +167,18 @@ def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 
 def base_weights_fingerprint(model: nn.Module) -> str:
-    """Fingerprint of the weights a reference would use: LoRA adapter tensors excluded."""
-    inner = model.get_base_model() if is_peft(model) else model
-    return fingerprint_tensors(
-        (name.replace(".base_layer", ""), p) for name, p in inner.state_dict().items() if "lora_" not in name
-    )
+    """Fingerprint of the weights a reference would use: adapter tensors (of any PEFT type) excluded."""
+    from prefopt.models.peft import base_weights_fingerprint as fingerprint
+
+    return fingerprint(model)
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights ``merge_and_unload`` would give, under transformers names, without changing ``model``.
+    """The weights ``merge_and_unload`` would give, under transformers names, without changing ``model``
+    (``prefopt.models.peft.merged_state_dict``: any PEFT type, quantized base weights dequantized)."""
+    from prefopt.models.peft import merged_state_dict as merged
 
-    A PEFT model's LoRA layers give W + delta of each active adapter (peft's ``get_delta_weight``), new
-    tensors; every other tensor (and every tensor of a model without LoRA) is the model's own, detached.
-    Merging in place and unmerging afterwards would drift the base weights by rounding; this does not.
-    """
-    if not is_peft(model):
-        return dict(model.state_dict())
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    inner = model.get_base_model()
-    sources: dict[str, str] = {}  # module name -> where its weights are, for modules_to_save copies
-    for module_name, module in inner.named_modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            active = [a for a in module.active_adapters if a in module.modules_to_save]
-            keep = f".modules_to_save.{active[0]}." if active and not module.disable_adapters else ".original_module."
-            sources[module_name] = keep
-    merged: dict[str, torch.Tensor] = {}
-    for name, tensor in inner.state_dict().items():
-        if "lora_" in name:
-            continue
-        wrapper = next((m for m in sources if name.startswith(m + ".")), None)
-        if wrapper is not None:
-            rest = name[len(wrapper) :]
-            if not rest.startswith(sources[wrapper]):
-                continue
-            name = wrapper + "." + rest[len(sources[wrapper]) :]
-        merged[name.replace(".base_layer.", ".")] = tensor
-    with torch.no_grad():
-        for module_name, module in inner.named_modules():
-            if not isinstance(module, LoraLayer) or module.disable_adapters:
-                continue
-            key = f"{module_name}.weight"
-            for adapter in module.active_adapters:
-                if adapter not in module.lora_A and adapter not in getattr(module, "lora_embedding_A", {}):
-                    continue
-                if adapter in module.merged_adapters:
-                    continue  # already in the base weight
-                if module.use_dora.get(adapter) or getattr(module, "lora_bias", {}).get(adapter):
-                    raise PrefoptError(f"{module_name}: merging DoRA or LoRA-bias adapters is not supported here")
-                merged[key] = merged[key] + module.get_delta_weight(adapter).to(merged[key].dtype)
-    return merged
+    return merged(model)
 
 
 def _first_line(exc: BaseException) -> str:

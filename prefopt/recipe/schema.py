@@ -9,10 +9,12 @@ Reading and validating a recipe file is ``load.py``; the one-line problems it re
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
+from prefopt.api.algorithm import PluginSpec
 from prefopt.errors import PrefoptError
 from prefopt.registry.loading import Plugins, Registry
 
@@ -30,6 +32,13 @@ class LoraConfig(Section):
     )
 
 
+class QuantizationConfig(Section):
+    bits: Literal[4, 8] = Field(..., description="4: NF4 or FP4 weights (QLoRA); 8: LLM.int8 weights.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit only: the 4-bit data type.")
+    double_quant: bool = Field(True, description="4-bit only: quantize the block scales too (QLoRA's, ~0.4 bit a "
+                               "weight less).")
+
+
 class ModelConfig(Section):
     path: str = Field(
         "smollm2-135m-instruct",
@@ -43,6 +52,56 @@ class ModelConfig(Section):
     attn_implementation: Optional[str] = Field(None, description="transformers attention backend, e.g. sdpa or eager.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     lora: Optional[LoraConfig] = Field(None, description="Train a LoRA adapter instead of all weights.")
+    peft: Optional[dict[str, Any]] = Field(
+        None, description="Train a PEFT adapter of any tuner type peft has, with peft's own fields: {type: LORA, "
+        "r: 16, lora_alpha: 32, use_dora: true}, {type: LORA, use_rslora: true, init_lora_weights: pissa}, "
+        "{type: IA3}. Checked by peft's config class; task_type is CAUSAL_LM. model.lora is the short form of a "
+        "LORA one.",
+    )
+    adapter: Optional[str] = Field(
+        None, description="Start from an existing PEFT adapter folder (e.g. an SFT run's) and train it on; the "
+        "reference is that adapter's model as it starts, unless reference.path names another.",
+    )
+    quantization: Optional[QuantizationConfig] = Field(
+        None, description="Load the base weights 4-bit or 8-bit through bitsandbytes (QLoRA); needs an adapter.",
+    )
+
+    # prefopt.models.peft is imported here, not at the top: it imports peft (seconds), which only recipes
+    # that set model.peft need.
+    @field_validator("peft")
+    @classmethod
+    def _peft_fields(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        if value is None:
+            return None
+        from pydantic import ValidationError
+        from pydantic_core import InitErrorDetails, PydanticCustomError
+
+        from prefopt.models.peft import check_peft_section
+
+        checked, problems = check_peft_section(value)
+        if not problems:
+            return checked
+        raise ValidationError.from_exception_data("model.peft", [
+            InitErrorDetails(type=PydanticCustomError("value_error", "{message}", {"message": message}), loc=loc,
+                             input=value)
+            for loc, message in problems
+        ])
+
+    @model_validator(mode="after")
+    def _one_adapter(self) -> "ModelConfig":
+        named = [key for key in ("lora", "peft", "adapter") if getattr(self, key) is not None]
+        if len(named) > 1:
+            raise ValueError(f"set one of model.lora, model.peft (a fresh adapter) or model.adapter (an existing "
+                             f"one), not {' and '.join('model.' + key for key in named)}")
+        if self.quantization is not None and not named:
+            raise ValueError("model.quantization freezes the base weights, so only an adapter can train: set "
+                             "model.lora, model.peft or model.adapter")
+        return self
+
+    @property
+    def has_adapter(self) -> bool:
+        """Whether the policy trains an adapter (model.lora, model.peft or model.adapter) over frozen weights."""
+        return self.lora is not None or self.peft is not None or self.adapter is not None
 
 
 class ColumnsConfig(Section):
@@ -222,10 +281,111 @@ class TrainConfig(Section):
         return value
 
 
+class SamplesConfig(Section):
+    """Completions of a few held-out prompts sampled while training, logged to samples.jsonl and the trackers."""
+
+    num_prompts: int = Field(8, ge=1, le=4096, description="The first this many held-out prompts (a task's own, "
+                             "where it has them), the same ones at every sampling.")
+    per_prompt: int = Field(1, ge=1, le=64, description="Completions sampled per prompt.")
+    every: Optional[int] = Field(None, ge=1, description="Optimizer steps between samplings; none: train.eval_every. "
+                                 "Also before the first step (with eval.at_start) and at the end.")
+    sampler: PluginSpec = Field(..., description="Sampler plugin: {name: <a registered sampler>, max_new_tokens, "
+                                "temperature, ...}; `prefopt list` shows them.")
+    judge: Optional[PluginSpec] = Field(None, description="A judge plugin that scores each completion: {name: ..., "
+                                        "<its options>}. A task's own score is logged too, when it has one.")
+
+
+# A named eval set's metrics are logged as eval/<name>/<metric>: a name is one path segment, and not the first
+# segment of another eval metric's key (eval/rewards/accuracies, eval/loss/<a loss's metric>, eval/samples/...).
+EVAL_SET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+RESERVED_EVAL_SET_NAMES = ("loss", "rewards", "logps", "logits", "entropy", "samples")
+_DataFormat = DataConfig.model_fields["format"].annotation
+
+
+class EvalSetConfig(Section):
+    """One named eval set: pairs read and tokenized as the held-out split is (data.max_length, data.append_eos,
+    data.invalid_rows...), scored with its own reference and logged as eval/<name>/<metric>."""
+
+    path: str = Field(..., description="Hub dataset id, local directory, file or glob.")
+    split: str = Field(..., description="The split to score; a file or a glob of files is split train.")
+    subset: Optional[str] = Field(None, description="Hub dataset configuration name.")
+    columns: Optional[ColumnsConfig] = Field(None, description="Which columns hold what; none: data.columns.")
+    format: Optional[_DataFormat] = Field(None, description="Row format; none: data.format.")
+    max_pairs: Optional[int] = Field(None, ge=1, description="Use only the first N pairs.")
+
+
+class EarlyStoppingConfig(Section):
+    """End the run when ``metric`` has not improved by more than ``min_delta`` for ``patience`` evaluations in a row
+    (checked every train.eval_every steps); it then finishes like a run that reached its last step."""
+
+    metric: str = Field("eval/loss", description="Any key the run logs: eval/loss, eval/rewards/accuracies, "
+                        "eval/<set>/loss, ... (the value at each evaluation).")
+    mode: Literal["min", "max"] = Field("min", description="min: lower is better (a loss); max: higher (accuracy).")
+    patience: int = Field(3, ge=1, description="Evaluations in a row without improvement before the run stops.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+
+
 class EvalConfig(Section):
     at_start: bool = Field(True, description="Evaluate before the first step, for a baseline.")
     batch_size: int = Field(8, ge=1, description="Pairs per forward during held-out evaluation.")
     task_metrics: bool = Field(True, description="Also run the task's own evaluator (e.g. sampled rewards).")
+    samples: Optional[SamplesConfig] = Field(None, description="Sample completions of held-out prompts while "
+                                             "training: {num_prompts, per_prompt, every, sampler, judge}.")
+    sets: dict[str, EvalSetConfig] = Field(
+        default_factory=dict,
+        description="Named eval sets, scored beside data.eval_split at every evaluation: {name: {path, split, "
+        "subset, columns, format, max_pairs}}; each logs eval/<name>/loss, eval/<name>/rewards/accuracies, ...",
+    )
+    early_stopping: Optional[EarlyStoppingConfig] = Field(
+        None, description="{metric: eval/loss, mode: min|max, patience: 3, min_delta: 0.0}: stop when the metric "
+        "stops improving; needs train.eval_every and held-out pairs (data.eval_split, eval.sets or a task).",
+    )
+
+    @field_validator("sets")
+    @classmethod
+    def _set_names(cls, sets: dict[str, EvalSetConfig]) -> dict[str, EvalSetConfig]:
+        for name in sets:
+            if not EVAL_SET_NAME.fullmatch(name):
+                raise ValueError(f"set name {name!r} becomes part of metric keys (eval/<name>/loss): use letters, "
+                                 "digits, '_', '-' and '.'")
+            if name in RESERVED_EVAL_SET_NAMES:
+                raise ValueError(f"set name {name!r} would mix its metrics with the held-out split's "
+                                 f"(eval/{name}/...); choose another name")
+        return sets
+
+
+def check_eval_needs(recipe) -> None:
+    """What ``eval`` asks of the other sections: early stopping checks its metric at each evaluation, so it needs
+    evaluations (train.eval_every) and pairs to evaluate."""
+    stopping = recipe.eval.early_stopping
+    if stopping is None:
+        return
+    if recipe.train.eval_every is None:
+        raise PrefoptError(f"eval.early_stopping checks {stopping.metric} at each evaluation, and there is none "
+                           "during training: set train.eval_every (optimizer steps between evaluations)")
+    if recipe.data.eval_split is None and recipe.data.task is None and not recipe.eval.sets:
+        raise PrefoptError("eval.early_stopping needs held-out pairs to evaluate: set data.eval_split or add an "
+                           "eval set (eval.sets)")
+
+
+class PushToHubConfig(Section):
+    """Upload the saved model folder (with its model card) to the Hugging Face Hub when the run ends."""
+
+    repo_id: str = Field(..., description="The hub repository, owner/name; created when it does not exist.")
+    private: bool = Field(False, description="Create the repository private (an existing one keeps its setting).")
+    revision: Optional[str] = Field(None, description="Branch to push to, created from main when missing; none: "
+                                    "main.")
+    token_env: Optional[str] = Field(
+        None, description="Environment variable holding a write token; none: HF_TOKEN, else the saved hub login."
+    )
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        from prefopt.publish.hub import check_repo_id
+
+        check_repo_id(value)
+        return value
 
 
 class OutputConfig(Section):
@@ -235,7 +395,37 @@ class OutputConfig(Section):
     )
     save_model: bool = Field(True, description="Write the final model in Hugging Face format with its tokenizer.")
     merge_lora: bool = Field(True, description="Merge a LoRA adapter into the saved model (else save the adapter).")
-    trackers: list[Literal["tensorboard"]] = Field(["tensorboard"], description="accelerate trackers to log to.")
+    trackers: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"tensorboard": {}},
+        description="Trackers to log to: any of accelerate's (tensorboard, wandb, mlflow, comet_ml, aim, clearml, "
+        "dvclive, swanlab, trackio), as a list of names or a mapping of names to their options, e.g. {wandb: "
+        "{project: x}}. TensorBoard without options is skipped, with a notice, when it is not installed.",
+    )
+    push_to_hub: Optional[PushToHubConfig] = Field(
+        None, description="{repo_id: owner/name, private, revision, token_env}: upload the saved model at the end."
+    )
+
+    # prefopt.engine.trackers is imported here, not at the top: the engine package imports the recipe package.
+    @field_validator("trackers", mode="before")
+    @classmethod
+    def _mapping_form(cls, value: Any) -> Any:
+        from prefopt.engine.trackers import normalize_trackers
+
+        return normalize_trackers(value)
+
+    @field_validator("trackers")
+    @classmethod
+    def _known_trackers(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from prefopt.engine.trackers import check_trackers
+
+        check_trackers(value)
+        return value
+
+    @model_validator(mode="after")
+    def _push_needs_the_model(self) -> "OutputConfig":
+        if self.push_to_hub is not None and not self.save_model:
+            raise ValueError("push_to_hub uploads the saved model; set output.save_model: true")
+        return self
 
 
 ENGINE_SECTIONS = ("model", "data", "reference", "train", "eval", "output")

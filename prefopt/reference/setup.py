@@ -5,7 +5,8 @@ models listed in ``reference.extra``. The primary reference is one of
 
 - a cache: log-probs computed once (by the initial policy, the policy with its LoRA adapter off, or the
   model at ``reference.path``) into the content-addressed on-disk cache; the default;
-- live: the same models run on every batch;
+- live: the same models run on every batch (an adapter that does not start as the identity, e.g. an
+  existing SFT adapter, as a frozen copy of its initial tensors: ``prefopt.models.peft.reference_is_base``);
 - following: the policy's own weights, synced into the reference every ``reference.sync.every`` steps
   (TR-DPO), kept by ``prefopt.reference.following``; it cannot be cached because it changes.
 
@@ -27,6 +28,7 @@ from prefopt.errors import PrefoptError
 from prefopt.reference.following import FollowingReference
 from prefopt.forward.logprobs import SequenceLogps
 from prefopt.models.loading import base_weights_fingerprint, is_peft, load_causal_lm, load_tokenizer, resolve_model_path
+from prefopt.models.peft import initial_weights_fingerprint, reference_is_base
 from prefopt.reference.cache import CachedReference, cached_reference
 from prefopt.reference.providers import LiveReference
 
@@ -50,11 +52,13 @@ class ReferenceSet:
 
 @dataclass
 class References:
-    """What ``setup`` gets back: the train and eval sets, and a description for the run summary."""
+    """What ``setup`` gets back: the references of the training and held-out splits and of each named eval
+    set (``eval.sets``), and a description for the run summary."""
 
     train: ReferenceSet
     eval: ReferenceSet | None
     info: dict[str, Any] = field(default_factory=dict)
+    eval_sets: dict[str, ReferenceSet] = field(default_factory=dict)
 
 
 def check_reference_recipe(recipe, loss, sharded: bool) -> None:
@@ -126,24 +130,28 @@ def _check_same_vocabulary(name: str, path: str, tokenizer, trust_remote_code: b
 
 
 def build_primary(recipe, accelerator, policy, tokenizer, train_pairs, eval_pairs, show_progress,
-                  say, following: bool = False) -> tuple[Any, Any, FollowingReference | None, dict[str, Any]]:
-    """The primary reference for training and evaluation, the following reference if any, and a summary.
-    ``policy`` is the initial policy, not yet wrapped for distribution. ``following``: a reference that
-    follows the policy although the recipe sets no ``reference.sync`` (an algorithm syncs it)."""
-    r = recipe.reference
+                  say, following: bool = False, eval_sets: dict[str, TokenizedPairs] | None = None,
+                  ) -> tuple[Any, Any, FollowingReference | None, dict[str, Any], dict[str, Any]]:
+    """The primary reference for training and evaluation, the following reference if any, a summary, and the
+    primary reference of each named eval set (``eval_sets``: a cache of its own for each, as for the held-out
+    split). ``policy`` is the initial policy, not yet wrapped for distribution. ``following``: a reference
+    that follows the policy although the recipe sets no ``reference.sync`` (an algorithm syncs it)."""
+    r, eval_sets = recipe.reference, eval_sets or {}
     if r.sync is not None or following:
-        return _following_primary(recipe, accelerator, policy, say)
+        primary_train, primary_eval, followed, info = _following_primary(recipe, accelerator, policy, say)
+        return primary_train, primary_eval, followed, info, dict.fromkeys(eval_sets, primary_eval)
     kind = "cache" if r.kind == "auto" else r.kind
     live, source = _primary_model(recipe, accelerator, policy, kind)
     info: dict[str, Any] = {"kind": kind, "source": source}
     if kind == "live":
         say(f"reference: {source}, computed live every step")
-        return live, live, None, info
+        return live, live, None, info, dict.fromkeys(eval_sets, live)
 
-    fingerprint = base_weights_fingerprint(live.model)
-    info["weights"] = fingerprint  # sha256 of the reference's weights (LoRA adapters excluded)
+    fingerprint = _reference_fingerprint(live)
+    info["weights"] = fingerprint  # sha256 of the reference's weights (an adapter's only where it is part of them)
     caches = []
-    for pairs in (train_pairs, eval_pairs):
+    splits = [(None, train_pairs), (None, eval_pairs), *eval_sets.items()]
+    for set_name, pairs in splits:
         if pairs is None:
             caches.append(None)
             continue
@@ -154,9 +162,10 @@ def build_primary(recipe, accelerator, policy, tokenizer, train_pairs, eval_pair
         )
         say(f"reference: {'reusing' if hit else 'built'} cache {cached.path}")
         caches.append(cached)
-        info.setdefault("caches", []).append({"path": str(cached.path), "hit": hit})
+        entry = {"path": str(cached.path), "hit": hit}
+        info.setdefault("caches", []).append(entry if set_name is None else {**entry, "eval_set": set_name})
     info["forward_passes"] = live.forward_passes
-    return caches[0], caches[1], None, info
+    return caches[0], caches[1], None, info, dict(zip(eval_sets, caches[2:]))
 
 
 def _following_primary(recipe, accelerator, policy, say) -> tuple[Any, Any, FollowingReference, dict[str, Any]]:
@@ -173,7 +182,7 @@ def _following_primary(recipe, accelerator, policy, say) -> tuple[Any, Any, Foll
     return reference, reference, reference, info
 
 
-def _primary_model(recipe, accelerator, policy, kind: str) -> tuple[LiveReference, str]:
+def _primary_model(recipe, accelerator, policy, kind: str) -> tuple[LiveReference | FollowingReference, str]:
     """The model that gives the primary reference's log-probs (live, or once into the cache), and its name."""
     r = recipe.reference
     options = {"chunk_size": recipe.train.logprob_chunk_size, "autocast": accelerator.autocast}
@@ -187,8 +196,20 @@ def _primary_model(recipe, accelerator, policy, kind: str) -> tuple[LiveReferenc
         ).to(accelerator.device)
         ref_model.requires_grad_(False)
         return LiveReference(ref_model, **options), r.path
+    if is_peft(policy) and reference_is_base(recipe.model):
+        # The adapter starts as the identity, so the base model is the initial policy, at no extra memory.
+        peft_type = recipe.model.peft["type"] if recipe.model.peft is not None else "LORA"
+        name = "LoRA" if peft_type == "LORA" else peft_type
+        return LiveReference(policy, disable_adapter=True, **options), f"policy with its {name} adapter disabled"
+    if is_peft(policy) and kind == "live":
+        # The adapter as it starts is part of the reference (an existing adapter, PiSSA, OLoRA): the policy
+        # run with a copy of its initial adapter tensors in place of its own, the exact initial policy at the
+        # cost of one adapter (a merged copy would cost a model; a second peft adapter would change which
+        # parameters train when switched to). It follows nothing: no sync ever moves it.
+        return FollowingReference(policy, **options), "policy with a frozen copy of its initial adapter"
     if is_peft(policy):
-        return LiveReference(policy, disable_adapter=True, **options), "policy with its LoRA adapter disabled"
+        # Not trained yet: the policy, adapter on, is the initial model.
+        return LiveReference(policy, **options), "initial policy (base weights and adapter)"
     if kind == "live":
         frozen = copy.deepcopy(policy).requires_grad_(False)
         return LiveReference(frozen, **options), "frozen copy of the initial policy"
@@ -196,15 +217,30 @@ def _primary_model(recipe, accelerator, policy, kind: str) -> tuple[LiveReferenc
     return LiveReference(policy, **options), "initial policy"
 
 
-def assemble(primary_train, primary_eval, following, extra_caches, info, extra_info) -> References:
-    """Primary and extra references put together per split."""
+def _reference_fingerprint(live: LiveReference) -> str:
+    """The cache key's weights: the base weights alone where the adapter is off, else every tensor of the
+    model as it starts, so a different initial adapter (another SFT adapter, another PiSSA rank) gets
+    another cache."""
+    if is_peft(live.model) and not live.disable_adapter:
+        return initial_weights_fingerprint(live.model)
+    return base_weights_fingerprint(live.model)
+
+
+def assemble(primary_train, primary_eval, following, extra_caches, info, extra_info,
+             primary_sets: dict[str, Any] | None = None) -> References:
+    """Primary and extra references put together per split. ``extra_caches[i]`` holds extra reference i's caches
+    of the training split, the held-out split, then each named eval set in ``primary_sets``' order."""
     train = ReferenceSet([primary_train] + [c[0] for c in extra_caches], following)
     evaluation = None
     if primary_eval is not None:
         evaluation = ReferenceSet([primary_eval] + [c[1] for c in extra_caches], following)
+    eval_sets = {
+        name: ReferenceSet([primary] + [c[2 + i] for c in extra_caches], following)
+        for i, (name, primary) in enumerate((primary_sets or {}).items())
+    }
     if extra_info:
         info = {**info, "extra": extra_info}
-    return References(train, evaluation, info)
+    return References(train, evaluation, info, eval_sets)
 
 
 def sync_due(recipe, step_done: int) -> bool:

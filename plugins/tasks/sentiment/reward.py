@@ -5,12 +5,17 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Sequence
 
+from prefopt.errors import PrefoptError
+
 
 @lru_cache(maxsize=1)
 def analyzer():
     """VADER's analyzer; it reads its lexicon from disk, so it is built once per process."""
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ModuleNotFoundError:
+        raise PrefoptError("the sentiment task scores text with VADER, and vaderSentiment is not installed: "
+                           "pip install 'prefopt[embedded]'") from None  # fmt: skip
     return SentimentIntensityAnalyzer()
 
 

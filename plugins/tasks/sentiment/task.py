@@ -7,7 +7,7 @@ import logging
 import statistics
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 from pydantic import Field, model_validator
 
@@ -143,6 +143,14 @@ class SentimentTask(Task):
         if reference is not None:
             metrics[KL_METRIC] = _sequence_kl(model, reference, tokenizer, flat)
         return metrics
+
+    def eval_prompts(self, data: TaskData) -> list[str]:
+        """The held-out openings ``evaluate`` continues, in its order."""
+        return [prompt.text for prompt in self._eval_prompts(data.eval.parent / EVAL_PROMPTS_FILE, None)]
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        """VADER compound sentiment of each continuation alone, as ``evaluate`` scores it."""
+        return vader_reward(completions)
 
     def _eval_prompts(self, path: Path, num_prompts: int | None) -> list[Prompt]:
         """The held-out prompts of a build, the first ``num_prompts`` of them when that is set."""

@@ -1,0 +1,677 @@
+"""benchmarks/README.md's tables rebuilt from the raw files in benchmarks/results/, and a check that they agree.
+
+A table backed by a raw file sits between two marker comments; the first names the table (a function of
+TABLES) and its raw file:
+
+    <!-- table: trl_speed_runs (benchmarks/results/trl_speed_qwen56m.json) -->
+
+    | configuration | ... |
+
+    <!-- /table -->
+
+A section whose numbers have no raw file carries ``<!-- table: none -->`` under its heading; ``--check``
+lists those as unbacked, a warning and not a failure. A markdown table outside both kinds of section is a
+failure, so a new table cannot slip in untraced. Numbers quoted in the prose from the same raw files (in
+benchmarks/README.md and README.md) are checked too: QUOTES holds each sentence with ``{}`` where a
+number goes, and the function that gives the numbers.
+
+    python benchmarks/tables.py --check    # exit 1 naming each table or quote that differs, with a diff
+    python benchmarks/tables.py --write    # rewrite them in place from the raw files
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BENCH_README = ROOT / "benchmarks" / "README.md"
+MAIN_README = ROOT / "README.md"
+
+TRL_SPEED = "trl_speed_qwen56m.json"
+TRL_QUICK = "restructure_parity/trl_quick-after.json"
+LENGTH_BENCH = "length_bench.json"
+EOS_PROBE = "length_eos_probe.json"
+INTEGRITY = "integrity_cost.json"
+QUICKSTART = "restructure_parity/quickstart-after-summary.json"
+
+MEMORY_GOAL = 0.6  # prefopt peak RSS <= 0.6 x TRL's leanest: the goal benchmarks/README.md states
+
+
+@functools.cache
+def raw(name: str):
+    """A raw result file of benchmarks/results/, parsed."""
+    return json.loads((RESULTS / name).read_text())
+
+
+# Formatting: each as the README writes that kind of number.
+
+def thousands(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def sci(value: float) -> str:
+    """1.9e-5, not Python's 1.9e-05."""
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def spread(stats: dict, digits: int, emphasis: bool = False) -> str:
+    """A mean over seeds with its [min, max]; ``emphasis`` puts the mean in bold."""
+    mean = bold(f"{stats['mean']:.{digits}f}", emphasis)
+    return f"{mean} [{stats['min']:.{digits}f}, {stats['max']:.{digits}f}]"
+
+
+def bold(text: str, on: bool = True) -> str:
+    return f"**{text}**" if on else text
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    rule = "|" + "|".join(["---"] * len(header)) + "|"
+    return "\n".join(["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(cells) + " |" for cells in rows)])
+
+
+# prefopt against TRL's DPOTrainer (benchmarks/trl_speed.py)
+
+TRL_RUN_ROWS = [  # README order: TRL's configurations first
+    ("trl-fastest", "TRL fastest: precomputed reference, no checkpointing"),
+    ("trl-leanest", "TRL leanest: defaults, gradient checkpointing"),
+    ("prefopt", "prefopt defaults (reference from the cache, padded)"),
+    ("prefopt-gc", "prefopt, gradient checkpointing"),
+    ("prefopt-prefix-shared", "prefopt, `train.layout=prefix_shared`"),
+]
+PREFOPT_ROWS = [
+    ("prefopt", "defaults"),
+    ("prefopt-gc", "gradient checkpointing"),
+    ("prefopt-prefix-shared", "`train.layout=prefix_shared`"),
+]
+
+
+def summaries(result: dict, config: str) -> list[dict]:
+    """Each repeat's summary of one configuration, in the order the repeats ran."""
+    return [run["summary"] for run in result["runs"][config]]
+
+
+def median_of(result: dict, config: str, key: str) -> float:
+    return statistics.median(summary[key] for summary in summaries(result, config))
+
+
+def repeat_ratios(result: dict, mine: str, theirs: str, key: str) -> list[float]:
+    return [a[key] / b[key] for a, b in zip(summaries(result, mine), summaries(result, theirs))]
+
+
+def median_ratio(result: dict, mine: str, theirs: str, key: str) -> float:
+    """The median of the per-repeat ratios, as the README states its ratios."""
+    return statistics.median(repeat_ratios(result, mine, theirs, key))
+
+
+def compared_steps(result: dict) -> int:
+    """Steps whose losses are compared: --compare-losses, capped by the steps run (warm-up included)."""
+    return min(result["settings"]["compare_losses"], len(result["runs"]["trl-fastest"][0]["raw"]["losses"]))
+
+
+def losses(result: dict, config: str, repeat: int = 0) -> list[float]:
+    """One repeat's per-step losses over the compared steps."""
+    return result["runs"][config][repeat]["raw"]["losses"][: compared_steps(result)]
+
+
+def loss_gap(result: dict, config: str, baseline: str = "trl-fastest") -> float:
+    """Max |loss - baseline's loss| over the compared steps of every repeat (same repeat, same step)."""
+    repeats = range(len(result["runs"][config]))
+    return max(abs(a - b) for i in repeats for a, b in zip(losses(result, config, i), losses(result, baseline, i)))
+
+
+def fastest_prefopt(result: dict) -> str:
+    """The prefopt configuration with the highest throughput against TRL's fastest."""
+    speeds = {name: median_ratio(result, name, "trl-fastest", "tokens_per_s") for name, _ in PREFOPT_ROWS}
+    return max(speeds, key=speeds.get)
+
+
+def trl_speed_runs() -> str:
+    result = raw(TRL_SPEED)
+    repeats = len(result["runs"]["trl-fastest"])
+    rows = []
+    for name, label in TRL_RUN_ROWS:
+        cells = [f"{thousands(s['tokens_per_s'])}, {thousands(s['peak_rss_mib'])}, {s['cpu_s_per_step']:.1f}"
+                 for s in summaries(result, name)]
+        median = (f"{thousands(median_of(result, name, 'tokens_per_s'))} tok/s, "
+                  f"{thousands(median_of(result, name, 'peak_rss_mib'))} MiB")
+        rows.append([label, *cells, bold(median)])
+    return markdown(["configuration", *(f"repeat {i + 1}" for i in range(repeats)), "**median**"], rows)
+
+
+def trl_speed_ratios() -> str:
+    """Bold: the fastest prefopt configuration's throughput, and each peak RSS that meets the memory goal."""
+    result = raw(TRL_SPEED)
+    fastest = fastest_prefopt(result)
+    rows = []
+    for name, label in PREFOPT_ROWS:
+        speed = median_ratio(result, name, "trl-fastest", "tokens_per_s")
+        cpu = median_ratio(result, name, "trl-fastest", "cpu_s_per_step")
+        memory = median_ratio(result, name, "trl-leanest", "peak_rss_mib")
+        rows.append([label, bold(f"×{speed:.2f}", name == fastest), f"×{cpu:.2f}",
+                     bold(f"×{memory:.2f}", memory <= MEMORY_GOAL), sci(loss_gap(result, name))])
+    header = ["prefopt configuration", "tokens/s vs TRL fastest", "CPU s/step vs TRL fastest",
+              "peak RSS vs TRL leanest",
+              f"max \\|loss − TRL's\\| over {compared_steps(result)} steps"]
+    return markdown(header, rows)
+
+
+def trl_quick() -> str:
+    """The --quick run: one repeat of every configuration, in the order they ran."""
+    result = raw(TRL_QUICK)
+    rows = []
+    for config in result["configs"]:
+        name = config["name"]
+        summary = summaries(result, name)[0]
+        gap = loss_gap(result, name)
+        rows.append([f"`{name}`", thousands(summary["tokens_per_s"]), f"{summary['cpu_s_per_step']:.2f}",
+                     thousands(summary["peak_rss_mib"]), "–" if name == "trl-fastest" else sci(gap) if gap else "0"])
+    header = ["configuration", "tok/s", "CPU s/step", "peak RSS MiB",
+              f"max \\|loss − TRL fastest's\\| over {compared_steps(result)} steps"]
+    return markdown(header, rows)
+
+
+def loss_text(values: list[float]) -> str:
+    return " ".join(f"{value:.6f}" for value in values)
+
+
+def checkpointing_cost(result: dict, mine: str, plain: str) -> tuple[str, str, str]:
+    """Throughput lost to gradient checkpointing, in %, with the two medians it compares."""
+    with_gc, without = median_of(result, mine, "tokens_per_s"), median_of(result, plain, "tokens_per_s")
+    return f"{100 * (1 - with_gc / without):.0f}", thousands(with_gc), thousands(without)
+
+
+# Claim 3: length (recipes/bench/length.yaml and benchmarks/eos_probe.py)
+
+LENGTH_NOTES = {"dpo-unbiased": ("VADER labels", " (on its own labels)")}  # entry -> (label note, accuracy note)
+
+
+def length_entries() -> list[dict]:
+    return raw(LENGTH_BENCH)["entries"]
+
+
+def length_entry(name: str) -> dict:
+    return next(entry for entry in length_entries() if entry["entry"] == name)
+
+
+def entry_label(entry: dict) -> str:
+    note = LENGTH_NOTES.get(entry["entry"], ("", ""))[0]
+    alpha = [o.split("=", 1)[1] for o in entry["overrides"] if o.startswith("loss.alpha=")]
+    note = note or (f"alpha {alpha[0]}" if alpha else "")
+    return f"{entry['entry']} ({note})" if note else entry["entry"]
+
+
+def length_bench() -> str:
+    """Bold: the best mean reward and the longest mean length."""
+    entries, initial = length_entries(), raw(LENGTH_BENCH)["initial"]
+    best = max(e["reward"]["mean"] for e in entries)
+    longest = max(e["length"]["mean"] for e in entries)
+    rows = [[entry_label(e), spread(e["reward"], 3, e["reward"]["mean"] == best), spread(e["kl"], 2),
+             spread(e["length"], 1, e["length"]["mean"] == longest),
+             f"{e['accuracy']['mean']:.2f}{LENGTH_NOTES.get(e['entry'], ('', ''))[1]}"] for e in entries]
+    rows.append(["initial model", f"{initial['reward']:.3f}", f"{initial['kl']:.0f}", f"{initial['length']:.1f}",
+                 "–"])
+    return markdown(["entry", "reward", "KL", "length (tokens)", "held-out accuracy"], rows)
+
+
+def length_range() -> tuple[str, str]:
+    """The shortest and longest seed mean length of any entry."""
+    low = min(e["length"]["min"] for e in length_entries())
+    high = max(e["length"]["max"] for e in length_entries())
+    return f"{low:.1f}", f"{high:.1f}".removesuffix(".0")
+
+
+EOS_COLUMNS = ["end chosen", "end rejected", "inside chosen", "inside rejected"]
+EOS_HEADER = ["model", "where chosen ends", "where rejected ends", "inside chosen", "inside rejected"]
+# The length-biased runs share held-out pairs 1e5920; dpo-unbiased (other labels, other pairs) is in the file
+# but not in the table, which compares the losses on the same pairs.
+EOS_ROWS = [("dpo-b0.1", "dpo"), ("rdpo-b0.1", "rdpo"), ("ld-dpo-b0.1", "ld-dpo")]
+EOS_HELD_OUT = "1e5920"
+
+
+def eos_row(model: str) -> dict:
+    return next(row for row in raw(EOS_PROBE) if row["model"] == model)
+
+
+def eos_seeds(entry: str) -> list[dict]:
+    return [eos_row(f"{entry} seed {seed} ({EOS_HELD_OUT})") for seed in (0, 1)]
+
+
+def length_eos_probe() -> str:
+    """Bold: the lowest log p(EOS) where the chosen response ends (the model whose completions stop ending)."""
+    initial = eos_row(f"initial ({EOS_HELD_OUT})")
+    lowest = min(row["end chosen"] for entry, _ in EOS_ROWS for row in eos_seeds(entry))
+    rows = [["initial", *(f"{initial[column]:.1f}" for column in EOS_COLUMNS)]]
+    for entry, label in EOS_ROWS:
+        seeds = eos_seeds(entry)
+        cells = [" / ".join(f"{row[column]:.1f}" for row in seeds) for column in EOS_COLUMNS]
+        cells[0] = bold(cells[0], any(row["end chosen"] == lowest for row in seeds))
+        rows.append([f"{label}, seeds 0 / 1", *cells])
+    return markdown(EOS_HEADER, rows)
+
+
+def eos_shifts(entries: list[str]) -> list[float]:
+    """log p(EOS) of each seed and position minus the initial model's, for these entries."""
+    initial = eos_row(f"initial ({EOS_HELD_OUT})")
+    return [row[c] - initial[c] for entry in entries for row in eos_seeds(entry) for c in EOS_COLUMNS]
+
+
+# What verifying cached files costs (benchmarks/integrity_cost.py)
+
+def integrity_cost() -> str:
+    result = raw(INTEGRITY)
+    setup = result["setup_seconds"]
+    cache, data = result["reference_cache"], result["task_data"]
+    rows = [
+        [f"setup of the quickstart, median of {len(setup['timed'])} (min–max)",
+         f"{setup['median']:.2f} s ({min(setup['timed']):.2f}–{max(setup['timed']):.2f} s)"],
+        [f"verifying the reference cache ({len(cache['files'])} files, {cache['bytes'] / 1024:.0f} KiB)",
+         f"{cache['verify_seconds_median'] * 1000:.2f} ms"],
+        [f"verifying the task data ({data['bytes'] / 1024:.0f} KiB)", f"{data['verify_seconds_median'] * 1000:.2f} ms"],
+        ["both checks, as a share of setup", f"{result['verify_share_of_setup'] * 100:.3f}%"],
+    ]
+    return markdown(["measured", "result"], rows)
+
+
+def load_averages() -> tuple[str, str]:
+    """The 1-minute load average before and after the run."""
+    averages = raw(INTEGRITY)["machine"]["load_average_1_5_15"]
+    return f"{averages['before'][0]:.1f}", f"{averages['after'][0]:.1f}"
+
+
+# The quickstart (README.md)
+
+TIE = 1e-6  # |implicit reward| below this at step 0: the policy is its reference, every held-out pair a tie
+
+def quickstart_numbers() -> tuple[str, ...]:
+    """Held-out accuracy, margin and mean VADER reward, start and end, rounded to 2 decimals.
+
+    At step 0 the policy is its reference, so every held-out margin is zero up to float rounding and, by
+    the tie rule (README.md), every pair counts half: the start accuracy is 0.50 by that rule. The raw
+    file's start accuracy (0.349) predates the rule. The rule is applied only where the raw file shows the
+    policy equal to its reference: mean implicit rewards of chosen and rejected within TIE of zero (they are
+    1e-7 there, float rounding of log-probs about -100)."""
+    summary = raw(QUICKSTART)
+    start, end = summary["eval_start"], summary["eval_end"]
+    ties = all(abs(start[f"eval/rewards/{side}"]) < TIE for side in ("chosen", "rejected"))
+    start_accuracy = 0.5 if ties else start["eval/rewards/accuracies"]
+
+    def two(value: float) -> str:
+        return f"{value:.2f}".replace("-0.00", "0.00")
+
+    return (two(start_accuracy), two(end["eval/rewards/accuracies"]), two(start["eval/rewards/margins"]),
+            two(end["eval/rewards/margins"]), two(start["eval/reward/vader_mean"]), two(end["eval/reward/vader_mean"]))
+
+
+TABLES: dict[str, tuple[str, Callable[[], str]]] = {
+    "trl_speed_runs": (TRL_SPEED, trl_speed_runs),
+    "trl_speed_ratios": (TRL_SPEED, trl_speed_ratios),
+    "trl_quick": (TRL_QUICK, trl_quick),
+    "length_bench": (LENGTH_BENCH, length_bench),
+    "length_eos_probe": (EOS_PROBE, length_eos_probe),
+    "integrity_cost": (INTEGRITY, integrity_cost),
+}
+
+
+# NamedTuples, not dataclasses: tests load this script by path, with no sys.modules entry, where
+# dataclass() cannot resolve its string annotations.
+class Quote(NamedTuple):
+    """A sentence of a README with ``{}`` for each number it quotes from a raw file, and those numbers.
+    ``{losses}`` stands for a list of numbers. Whitespace in the sentence matches any whitespace, line
+    breaks included."""
+
+    name: str
+    readme: Path
+    sentence: str
+    values: Callable[[], tuple[str, ...]]
+
+    def pattern(self) -> re.Pattern:
+        pieces = re.split(r"(\{\w*\})", self.sentence)
+        return re.compile("".join(PLACEHOLDERS[piece] if piece in PLACEHOLDERS else
+                                  r"\s+".join(re.escape(word) for word in re.split(r"\s+", piece)) for piece in pieces))
+
+
+PLACEHOLDERS = {
+    "{}": r"(-?\d[\d,]*(?:\.\d+)?(?:e-?\d+)?)",  # one number: 186, 7,803, -0.5, 2.1e-5
+    "{losses}": r"(\d\.\d+(?: \d\.\d+)*)",  # numbers separated by single spaces
+}
+
+
+def ratio(result: dict, mine: str, theirs: str, key: str, digits: int) -> str:
+    return f"{median_ratio(result, mine, theirs, key):.{digits}f}"
+
+
+def trl_model_numbers() -> tuple[str, ...]:
+    model = raw(TRL_SPEED)["model"]
+    return f"{model['parameters'] / 1e6:.1f}", str(model["hidden_size"]), str(model["layers"])
+
+
+def trl_data_numbers() -> tuple[str, ...]:
+    result = raw(TRL_SPEED)
+    data = result["data"]
+    return (str(data["pairs"]), f"{data['prompt_tokens']['median']:.0f}", f"{data['response_tokens']['median']:.0f}",
+            str(result["settings"]["max_length"]))
+
+
+def tokenization_numbers(name: str) -> tuple[str, ...]:
+    tokenization = raw(name)["tokenization"]
+    return str(tokenization["pairs"][0]), thousands(tokenization["tokens"]["trl"])
+
+
+def trl_settings_numbers() -> tuple[str, ...]:
+    result = raw(TRL_SPEED)
+    return str(result["settings"]["batch_size"]), str(result["threads"]), str(result["settings"]["steps"])
+
+
+def trl_duration_numbers() -> tuple[str, ...]:
+    """The runs; their minutes end to end (each child's wall time: they ran one after another); the repeats and
+    configurations."""
+    result = raw(TRL_SPEED)
+    runs = [run for repeats in result["runs"].values() for run in repeats]
+    minutes = sum(run["seconds"] for run in runs) / 60
+    return str(len(runs)), f"{minutes:.0f}", str(result["settings"]["repeats"]), str(len(result["runs"]))
+
+
+def trl_loaded_repeat() -> tuple[str, ...]:
+    """prefopt / TRL fastest throughput in repeat 2, the one that shared the machine."""
+    return (f"{repeat_ratios(raw(TRL_SPEED), 'prefopt', 'trl-fastest', 'tokens_per_s')[1]:.1f}",)
+
+
+def trl_fastest_ratio() -> tuple[str, ...]:
+    result = raw(TRL_SPEED)
+    return (ratio(result, fastest_prefopt(result), "trl-fastest", "tokens_per_s", 2),)
+
+
+def trl_loss_lists() -> tuple[str, ...]:
+    result = raw(TRL_SPEED)
+    return loss_text(losses(result, "trl-fastest")), loss_text(losses(result, fastest_prefopt(result)))
+
+
+def trl_loss_range() -> tuple[str, ...]:
+    """How far TRL's losses move from the first: the comparison is not of constants."""
+    values = losses(raw(TRL_SPEED), "trl-fastest")
+    return (f"{max(abs(value - values[0]) for value in values):.2f}",)
+
+
+def trl_memory_ratios() -> tuple[str, ...]:
+    result = raw(TRL_SPEED)
+    return tuple(ratio(result, name, "trl-leanest", "peak_rss_mib", 2)
+                 for name in ("prefopt-gc", "prefopt-prefix-shared", "prefopt"))
+
+
+def trl_reference_seconds() -> tuple[str, ...]:
+    """Building prefopt's reference cache against TRL's precompute, medians over repeats."""
+    result = raw(TRL_SPEED)
+    return tuple(f"{median_of(result, name, 'reference_s'):.0f}" for name in ("prefopt", "trl-fastest"))
+
+
+def checkpointing_costs() -> tuple[str, ...]:
+    result = raw(TRL_SPEED)
+    return (*checkpointing_cost(result, "prefopt-gc", "prefopt"),
+            *checkpointing_cost(result, "trl-leanest", "trl-fastest"))
+
+
+def main_readme_trl_numbers() -> tuple[str, ...]:
+    """README.md's summary: prefix sharing's speed, loss gap and memory, then gradient checkpointing's memory, speed."""
+    result = raw(TRL_SPEED)
+    return (ratio(result, "prefopt-prefix-shared", "trl-fastest", "tokens_per_s", 1),
+            sci(loss_gap(result, "prefopt-prefix-shared")),
+            ratio(result, "prefopt-prefix-shared", "trl-leanest", "peak_rss_mib", 2),
+            ratio(result, "prefopt-gc", "trl-leanest", "peak_rss_mib", 2),
+            ratio(result, "prefopt-gc", "trl-fastest", "tokens_per_s", 1))
+
+
+def quick_settings() -> tuple[str, ...]:
+    result = raw(TRL_QUICK)
+    settings = result["settings"]
+    return (f"{result['model']['parameters'] / 1e6:.1f}", str(result["data"]["pairs"]), str(settings["max_length"]),
+            str(settings["batch_size"]), str(settings["steps"]), str(settings["repeats"]))
+
+
+def quick_losses() -> tuple[str, ...]:
+    """Steps compared, the largest gap of any prefopt configuration, and TRL's and prefopt's losses."""
+    result = raw(TRL_QUICK)
+    gap = max(loss_gap(result, c["name"]) for c in result["configs"] if c["tool"] == "prefopt")
+    return (str(compared_steps(result)), sci(gap), loss_text(losses(result, "trl-fastest")),
+            loss_text(losses(result, "prefopt")))
+
+
+def quick_memory() -> tuple[str, ...]:
+    return (ratio(raw(TRL_QUICK), "prefopt", "trl-leanest", "peak_rss_mib", 2),)
+
+
+def length_numbers(*wanted: tuple[str, str, int]) -> Callable[[], tuple[str, ...]]:
+    """The means of (entry, metric) pairs of the length bench, each to its number of digits."""
+    return lambda: tuple(f"{length_entry(entry)[metric]['mean']:.{digits}f}" for entry, metric, digits in wanted)
+
+
+def length_evaluation() -> tuple[str, ...]:
+    evaluation = raw(LENGTH_BENCH)["eval"]
+    return tuple(str(evaluation[key]) for key in ("max_new_tokens", "num_prompts", "samples_per_prompt"))
+
+
+def length_samples() -> tuple[str, ...]:
+    """DPO's length under the bias, the initial model's, unbiased DPO's, and the range of every seed's."""
+    lengths = [length_entry("dpo-b0.1")["length"]["mean"], raw(LENGTH_BENCH)["initial"]["length"],
+               length_entry("dpo-unbiased")["length"]["mean"]]
+    return (*(f"{length:.1f}" for length in lengths), *length_range())
+
+
+def eos_shift_numbers() -> tuple[str, ...]:
+    """DPO's and R-DPO's largest move of log p(EOS), and the range LD-DPO lowers it by."""
+    small = max(abs(shift) for shift in eos_shifts(["dpo-b0.1", "rdpo-b0.1"]))
+    drops = [-shift for shift in eos_shifts(["ld-dpo-b0.1"])]
+    return f"{small:.1f}", f"{min(drops):.1f}", f"{max(drops):.1f}"
+
+
+QUOTES = [
+    Quote("trl_speed model", BENCH_README, "{}M parameters, hidden {}, {} layers,", trl_model_numbers),
+    Quote("trl_speed data", BENCH_README, "{} pairs from VADER movie-review snippets: median prompt {} tokens, "
+          "median response {}, max_length {};", trl_data_numbers),
+    Quote("trl_speed tokens", BENCH_README, "both tools tokenize all {} pairs to the same ids ({} non-pad tokens);",
+          lambda: tokenization_numbers(TRL_SPEED)),
+    Quote("trl_speed settings", BENCH_README, "batch {}, AdamW at a constant lr, beta 0.1, fp32, {} threads; {} "
+          "timed steps after one warm-up step.", trl_settings_numbers),
+    Quote("trl_speed minutes", BENCH_README, "The {} runs took {} minutes ({} repeats of the {} configurations, "
+          "interleaved);", trl_duration_numbers),
+    Quote("trl_speed repeat 2", BENCH_README, "(the per-repeat ratio stayed at {}).", trl_loaded_repeat),
+    Quote("trl_speed fastest", BENCH_README, "Every prefopt configuration passes, the fastest by ×{}.",
+          trl_fastest_ratio),
+    Quote("trl_speed losses", BENCH_README, "`{losses}` and `{losses}`.", trl_loss_lists),
+    Quote("trl_speed loss range", BENCH_README, "The losses move by up to {} from the first,", trl_loss_range),
+    Quote("trl_speed memory", BENCH_README, "met** with gradient checkpointing (×{}) and with prefix sharing (×{}). "
+          "prefopt's defaults, at ×{}, do not meet it.", trl_memory_ratios),
+    Quote("trl_speed reference", BENCH_README, "Building that cache took {} s, against {} s for TRL's precompute.",
+          trl_reference_seconds),
+    Quote("trl_speed checkpointing", BENCH_README, "Gradient checkpointing cost prefopt {}% of its throughput here "
+          "({} against {} tok/s) and TRL {}% ({} against {}).", checkpointing_costs),
+    Quote("trl_quick settings", BENCH_README, "(tiny {}M Llama, SmolLM2 vocabulary, {} VADER pairs, max_length {}, "
+          "batch {}, {} timed steps, {} repeat;", quick_settings),
+    Quote("trl_quick tokens", BENCH_README, "TRL and prefopt tokenize all {} pairs to the same ids ({} non-pad "
+          "tokens).", lambda: tokenization_numbers(TRL_QUICK)),
+    Quote("trl_quick losses", BENCH_README, "Over the first {} steps, every prefopt configuration's losses equal "
+          "TRL's within **{}**. For example, TRL gives `{losses}` and prefopt `{losses}`.", quick_losses),
+    Quote("trl_quick memory", BENCH_README, "Peak RSS was ×{} of TRL's leanest.", quick_memory),
+    Quote("length runs", BENCH_README, "`prefopt bench recipes/bench/length.yaml` trains {} entries on {} seeds.",
+          lambda: (str(len(length_entries())), str(len(raw(LENGTH_BENCH)["seeds"])))),
+    Quote("length evaluation", BENCH_README, "The evaluation samples up to {} new tokens for each of the {} held-out "
+          "prompts, {} sample each;", length_evaluation),
+    Quote("length samples", BENCH_README, "Under the length bias it samples {} tokens, against {} for the initial "
+          "model and {} for DPO on unbiased labels. Every seed of every entry stays within {}–{} tokens.",
+          length_samples),
+    Quote("length ld-dpo kl", BENCH_README, "({} nats against {} for unbiased DPO).",
+          length_numbers(("ld-dpo-b0.1", "kl", 1), ("dpo-unbiased", "kl", 1))),
+    Quote("length reward cost", BENCH_README, "{} against {} with VADER labels.",
+          length_numbers(("dpo-b0.1", "reward", 3), ("dpo-unbiased", "reward", 3))),
+    Quote("length rdpo", BENCH_README, "R-DPO recovers a little: {}.", length_numbers(("rdpo-b0.1", "reward", 3))),
+    Quote("length ld-dpo reward", BENCH_README, "LD-DPO recovers nearly all of it ({}),",
+          length_numbers(("ld-dpo-b0.1", "reward", 3))),
+    Quote("eos shifts", BENCH_README, "DPO and R-DPO move log p(EOS) by at most {} nats. LD-DPO lowers it by {}–{} "
+          "nats", eos_shift_numbers),
+    Quote("integrity load", BENCH_README, "(1-minute load average {} at the start, {} at the end)", load_averages),
+    Quote("README trl_speed", MAIN_README, "trained at {}x the tokens/s of TRL's fastest configuration (precomputed "
+          "reference log-probs) with per-step losses equal to TRL's within {}, and peaked at {}x the memory of TRL's "
+          "leanest (gradient checkpointing); prefopt with `model.gradient_checkpointing: true` peaked at {}x, at {}x "
+          "TRL's speed.", main_readme_trl_numbers),
+    Quote("README quickstart", MAIN_README, "reward accuracy {} -> {}, margin {} -> {}, mean VADER reward of sampled "
+          "completions {} -> {} (raw:", quickstart_numbers),
+]
+
+
+# Reading and checking a README
+
+BLOCK = re.compile(r"^(?P<indent>[ \t]*)<!-- table: (?P<name>[\w-]+) \((?P<source>[^)]*)\) -->\n"
+                   r"(?P<body>.*?)^(?P=indent)<!-- /table -->$", re.M | re.S)
+NONE = re.compile(r"^[ \t]*<!-- table: none -->$", re.M)
+HEADING = re.compile(r"^#+ (.*)$", re.M)
+TABLE_RULE = re.compile(r"^[ \t]*\|(?:\s*:?-+:?\s*\|)+\s*$", re.M)
+
+
+class Finding(NamedTuple):
+    """What the check found: a failure (a table or quote that differs, or is missing) or an unbacked section."""
+
+    name: str
+    detail: str
+    failure: bool = True
+
+
+def block_text(table: str, indent: str) -> str:
+    """A table as it stands between its markers: a blank line either side, so markdown renders it."""
+    return "\n" + "\n".join(indent + line for line in table.splitlines()) + "\n\n"
+
+
+def heading_before(text: str, position: int) -> str:
+    headings = [m.group(1) for m in HEADING.finditer(text, 0, position)]
+    return headings[-1] if headings else "(top)"
+
+
+def diff(name: str, have: str, want: str) -> str:
+    lines = difflib.unified_diff(have.splitlines(), want.splitlines(), f"{name} in README", f"{name} from raw file",
+                                 n=0, lineterm="")
+    return "\n".join(lines)
+
+
+def check_tables(text: str) -> list[Finding]:
+    findings, seen = [], set()
+    for block in BLOCK.finditer(text):
+        name, source = block["name"], block["source"]
+        seen.add(name)
+        if name not in TABLES:
+            findings.append(Finding(name, f"no function in benchmarks/tables.py makes table {name!r}"))
+            continue
+        raw_file = f"benchmarks/results/{TABLES[name][0]}"
+        if source != raw_file:
+            findings.append(Finding(name, f"the marker names {source}, the table is made from {raw_file}"))
+        want = block_text(TABLES[name][1](), block["indent"])
+        if block["body"] != want:
+            findings.append(Finding(name, diff(name, block["body"].strip("\n"), want.strip("\n"))))
+    findings += [Finding(name, "table missing from the README (no marker)") for name in TABLES if name not in seen]
+    return findings
+
+
+def unbacked_sections(text: str) -> list[Finding]:
+    return [Finding(heading_before(text, m.start()), "no raw file in benchmarks/results/", failure=False)
+            for m in NONE.finditer(text)]
+
+
+def untraced_tables(text: str) -> list[Finding]:
+    """Markdown tables that are neither between markers nor in a section marked ``table: none``."""
+    inside = [(m.start(), m.end()) for m in BLOCK.finditer(text)]
+    sections = [m.start() for m in HEADING.finditer(text)] + [len(text)]
+    findings = []
+    for rule in TABLE_RULE.finditer(text):
+        if any(start <= rule.start() < end for start, end in inside):
+            continue
+        begin = max((s for s in sections if s <= rule.start()), default=0)
+        end = min(s for s in sections if s > rule.start())
+        if not NONE.search(text, begin, end):
+            findings.append(Finding(heading_before(text, rule.start()), "a table with no marker: back it with a raw "
+                                    "file, or mark its section <!-- table: none -->"))
+    return findings
+
+
+def check_quotes(text: str, readme: Path) -> list[Finding]:
+    findings = []
+    for quote in (q for q in QUOTES if q.readme == readme):
+        matches = list(quote.pattern().finditer(text))
+        want = quote.values()
+        if len(matches) != 1:
+            findings.append(Finding(quote.name, f"sentence found {len(matches)} times, not once: {quote.sentence!r}"))
+        elif matches[0].groups() != want:
+            have = ", ".join(matches[0].groups())
+            findings.append(Finding(quote.name, f"README has {have}; the raw file gives {', '.join(want)}"))
+    return findings
+
+
+def check(text: str, readme: Path = BENCH_README) -> list[Finding]:
+    """Every finding for one README's text: tables (benchmarks/README.md only), quoted numbers, unbacked sections."""
+    findings = check_quotes(text, readme)
+    if readme == BENCH_README:
+        findings = check_tables(text) + untraced_tables(text) + findings + unbacked_sections(text)
+    return findings
+
+
+def rewrite(text: str, readme: Path = BENCH_README) -> str:
+    """The README's text with every marked table and every quoted number made from the raw files."""
+    if readme == BENCH_README:
+        text = BLOCK.sub(lambda m: m.group(0) if m["name"] not in TABLES else
+                         f"{m['indent']}<!-- table: {m['name']} (benchmarks/results/{TABLES[m['name']][0]}) -->\n"
+                         f"{block_text(TABLES[m['name']][1](), m['indent'])}{m['indent']}<!-- /table -->", text)
+    for quote in (q for q in QUOTES if q.readme == readme):
+        matches = list(quote.pattern().finditer(text))
+        if len(matches) == 1:
+            text = replace_groups(text, matches[0], quote.values())
+    return text
+
+
+def replace_groups(text: str, match: re.Match, values: tuple[str, ...]) -> str:
+    for index in reversed(range(len(values))):
+        start, end = match.span(index + 1)
+        text = text[:start] + values[index] + text[end:]
+    return text
+
+
+def shown(path: Path) -> str:
+    """A path relative to the checkout where it is inside it."""
+    return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--check", action="store_true", help="exit 1 naming each table or quoted number that differs")
+    mode.add_argument("--write", action="store_true", help="rewrite the tables and quoted numbers in place")
+    parser.add_argument("--readme", type=Path, default=BENCH_README,
+                        help="a copy of benchmarks/README.md to check or write instead (README.md is then left out)")
+    args = parser.parse_args(argv)
+    readmes = {BENCH_README: args.readme}
+    if args.readme.resolve() == BENCH_README:
+        readmes[MAIN_README] = MAIN_README
+    failed = False
+    for role, path in readmes.items():
+        text = path.read_text()
+        if args.write:
+            new = rewrite(text, role)
+            if new != text:
+                path.write_text(new)
+                print(f"rewrote {path}")
+        for finding in check(path.read_text(), role):
+            failed |= finding.failure
+            label = "differs" if finding.failure else "unbacked (warning)"
+            print(f"{shown(path)}: {finding.name}: {label}: {finding.detail}")
+    print("tables and quoted numbers equal their raw files" if not failed else "some tables or quoted numbers differ "
+          "from their raw files: python benchmarks/tables.py --write rewrites them")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Completions while training (``eval.samples``): a few held-out prompts, sampled as the policy learns.
+
+Before the first step (with ``eval.at_start``), every ``eval.samples.every`` steps (``train.eval_every`` when
+unset) and at the end, the main process samples ``per_prompt`` completions of the first ``num_prompts``
+held-out prompts through the sampler plugin the recipe names, scores them with the task's ``score`` and the
+recipe's judge where there are, and logs them three ways: one JSON line per completion in
+``<output.dir>/samples.jsonl``, a table to every tracker (``trackers.log_table``), and their means to
+``metrics.jsonl`` (``eval/samples/*``). The other processes wait.
+
+The prompts are the task's (``Task.eval_prompts``), else the distinct prompts of the held-out rows
+(``data.eval_split``, or the task's held-out file), tokenized as training tokenizes prompts. The samples of
+step N are drawn before step N + 1 trains, from the weights checkpoint N holds, seeded from the recipe's seed
+and N: a run resumed at N samples again exactly what the interrupted run sampled there, after
+``samples.jsonl`` is cut back to the steps before N (so no step appears twice).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from prefopt.api.algorithm import plugin_config
+from prefopt.api.judge import JudgeContext, ScoreJudge
+from prefopt.api.sampler import Sample, SamplerContext, derive_seed
+from prefopt.api.task import Text
+from prefopt.engine.distributed import sharded_params
+from prefopt.engine.records import append_line, record
+from prefopt.engine.run import Run
+from prefopt.engine.trackers import log_table
+from prefopt.errors import PrefoptError
+from prefopt.paths import atomic_write_text
+
+__all__ = ["SAMPLES_FILE", "TABLE", "Completions", "build_completions", "cut_back", "log_completions"]
+
+SAMPLES_FILE = "samples.jsonl"
+TABLE = "completions"  # the trackers' name of the table
+SEED_PURPOSE = "prefopt-eval-samples"  # keeps these samples' random streams apart from every other use
+
+
+@dataclass(frozen=True)
+class HeldOutPrompt:
+    text: Text  # as the data wrote it (text or chat messages): what the task and the judge read
+    ids: tuple[int, ...]  # as training tokenizes it: what the sampler continues
+
+
+class Completions:
+    """What ``eval.samples`` samples and scores with. The plugins' options are checked when the run is set up;
+    the prompts, the sampler and the judge are made on the main process when it first samples."""
+
+    def __init__(self, spec, sampler: tuple[type, Any], judge: tuple[type, Any] | None) -> None:
+        self.spec, self.sampler_parts, self.judge_parts = spec, sampler, judge
+        self.prompts: list[HeldOutPrompt] | None = None
+        self.sampler = self.judge = None
+        self.file_cut = False  # whether samples.jsonl was cut back to where this run started
+
+    def due(self, step: int, recipe) -> bool:
+        """Whether the completions of step ``step`` (steps done) are sampled while training (the end's always are)."""
+        if step == 0:
+            return recipe.eval.at_start
+        every = self.spec.every or recipe.train.eval_every
+        return every is not None and step % every == 0
+
+    def sample(self, run: Run, step: int) -> list[dict]:
+        """The records of step ``step``: one per completion, its scores included (main process)."""
+        prompts, sampler = self._prompts(run), self._sampler(run)
+        sampler.load_weights(run.accelerator.unwrap_model(run.policy))
+        seed = derive_seed(SEED_PURPOSE, run.recipe.seed, step)
+        groups = sampler.sample([prompt.ids for prompt in prompts], self.spec.per_prompt, seed=seed)
+        flat = [(index, k, prompt, sample) for index, (prompt, group) in enumerate(zip(prompts, groups))
+                for k, sample in enumerate(group)]
+        scores = self._scores(run, [prompt.text for _, _, prompt, _ in flat], [s.text for *_, s in flat])
+        return [_record(step, index, k, prompt, sample, {name: values[i] for name, values in scores.items()})
+                for i, (index, k, prompt, sample) in enumerate(flat)]
+
+    def close(self) -> None:
+        for part in (self.sampler, self.judge):
+            if part is not None:
+                part.close()
+        self.sampler = self.judge = None
+
+    def _prompts(self, run: Run) -> list[HeldOutPrompt]:
+        if self.prompts is None:
+            self.prompts = held_out_prompts(run, self.spec.num_prompts)
+        return self.prompts
+
+    def _sampler(self, run: Run):
+        if self.sampler is None:
+            from prefopt.models.loading import resolve_model_path
+
+            cls, config = self.sampler_parts
+            m = run.recipe.model
+            self.sampler = cls(config, SamplerContext(
+                model_path=resolve_model_path(m.path), tokenizer=run.tokenizer, dtype=m.dtype,
+                trust_remote_code=m.trust_remote_code, device=str(run.accelerator.device), seed=run.recipe.seed,
+            ))
+        return self.sampler
+
+    def _scores(self, run: Run, prompts: list[Text], texts: list[str]) -> dict[str, list[float]]:
+        """Each completion's score by the task and by the judge, where there are."""
+        scores: dict[str, list[float]] = {}
+        task_scores = run.task.score(prompts, texts) if run.task is not None else None
+        if task_scores is not None:
+            scores["task"] = _checked(task_scores, len(texts), f"task {run.task.name!r}: score()")
+        if self.judge_parts is not None:
+            if self.judge is None:
+                cls, config = self.judge_parts
+                self.judge = cls(config, JudgeContext(device=str(run.accelerator.device), seed=run.recipe.seed))
+            scores["judge"] = _checked(self.judge.scores(prompts, texts), len(texts),
+                                       f"eval.samples.judge {self.judge.name!r}")
+        return scores
+
+
+def build_completions(recipe, plugins, accelerator) -> Completions | None:
+    """What ``eval.samples`` asks for, its plugins' options checked (one line naming the recipe key), or None."""
+    spec = recipe.eval.samples
+    if spec is None:
+        return None
+    if recipe.data.task is None and not recipe.data.eval_split:
+        raise PrefoptError("eval.samples samples held-out prompts, and this run has none: set data.eval_split (or "
+                           "train on a task), or remove eval.samples")
+    if sharded_params(accelerator):
+        raise PrefoptError("eval.samples: sampling needs the whole model in one process, and under FSDP or DeepSpeed "
+                           "ZeRO-3 each process holds a shard; train with DDP or on one process, or remove "
+                           "eval.samples")
+    _registered(plugins.samplers, spec.sampler.name, "eval.samples.sampler")
+    sampler = plugin_config(plugins.samplers, spec.sampler, "eval.samples.sampler")
+    if spec.judge is not None and not issubclass(_registered(plugins.judges, spec.judge.name, "eval.samples.judge"),
+                                                 ScoreJudge):
+        scoring = [info.name for info in plugins.judges.infos() if issubclass(info.cls, ScoreJudge)]
+        raise PrefoptError(f"eval.samples.judge: judge {spec.judge.name!r} compares completions in pairs and gives no "
+                           f"score of one completion; name a judge that scores each "
+                           f"({', '.join(scoring) or 'none is installed'})")
+    judge = plugin_config(plugins.judges, spec.judge, "eval.samples.judge") if spec.judge is not None else None
+    return Completions(spec, sampler, judge)
+
+
+def _registered(registry, name: str, key: str) -> type:
+    try:
+        return registry.get(name)
+    except PrefoptError as exc:  # the registry's message (did you mean), with the recipe key in front
+        raise PrefoptError(f"{key}.name: {exc}") from None
+
+
+def log_completions(run: Run, step: int, *, final: bool = False) -> None:
+    """Sample, score and log the completions of step ``step`` (optimizer steps done) when it is a step to sample
+    at, or when ``final`` (the run's end, which then frees the sampler and the judge). Every process calls it;
+    the main one samples while the others wait."""
+    completions = run.completions
+    if completions is None:
+        return
+    path = run.run_dir / SAMPLES_FILE
+    if run.is_main and not completions.file_cut:  # the first call of this run, at the step it starts from
+        cut_back(path, run.start_step)
+        completions.file_cut = True
+    values: dict[str, float] = {}
+    if final or completions.due(step, run.recipe):
+        if run.is_main:
+            records = completions.sample(run, step)
+            append_line(path, "\n".join(json.dumps(r, ensure_ascii=False) for r in records))  # whole or not at all
+            log_table(run.accelerator, TABLE, *table(records), step=step)
+            values = means(records)
+            run.say(f"samples step {step}: {len(records)} completions in {path.name}; " + ", ".join(
+                f"{key.removeprefix('eval/samples/')}={value:.4g}" for key, value in values.items()))
+        run.accelerator.wait_for_everyone()
+        # measured before the step that follows: a run resumed at ``step`` measures it again
+        record(run, run.run_dir / "metrics.jsonl", step, values, before_step=True)
+    if final:
+        completions.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the prompts
+
+
+def held_out_prompts(run: Run, count: int) -> list[HeldOutPrompt]:
+    """The first ``count`` held-out prompts (the task's own, else the held-out rows' distinct prompts), tokenized
+    as training tokenizes prompts; a prompt too long to leave room for a completion is left out."""
+    from prefopt.data.tokenize import tokenize_examples
+    from prefopt.data.types import PreferenceExample
+
+    texts = run.task.eval_prompts(run.task_data) if run.task is not None else None
+    source = f"task {run.task.name!r}'s held-out prompts" if texts is not None else None
+    if texts is None:
+        texts, source = held_out_rows_prompts(run.recipe, run.task_data)
+    texts = list(texts)[:count]
+    if not texts:
+        raise PrefoptError(f"eval.samples: {source} holds no prompts")
+    d = run.recipe.data
+    examples = [PreferenceExample(row=i, prompt=text, chosen=None, rejected=None) for i, text in enumerate(texts)]
+    pairs = tokenize_examples(examples, run.tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                              append_eos=d.append_eos, invalid_rows="skip", source=f"eval.samples: {source}")
+    return [HeldOutPrompt(texts[pair.row], pair.prompt_ids) for pair in pairs.pairs]
+
+
+def held_out_rows_prompts(recipe, task_data) -> tuple[list[Text], str]:
+    """The distinct prompts of the held-out rows in order, and where they come from."""
+    from prefopt.data.formats import to_examples
+    from prefopt.data.load import load_rows
+
+    d = recipe.data
+    path, split = (str(task_data.eval), "train") if task_data is not None else (d.path, d.eval_split)
+    source = f"{path} (split {split})"
+    rows = load_rows(path, split, d.subset, recipe.model.trust_remote_code)
+    examples, _, _ = to_examples(rows, d.columns.model_dump(), d.format, source)
+    distinct = {json.dumps(example.prompt, sort_keys=True): example.prompt for example in examples}
+    return list(distinct.values()), source
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the records, the table and the means
+
+
+def _record(step: int, index: int, k: int, prompt: HeldOutPrompt, sample: Sample, scores: dict[str, float]) -> dict:
+    """One line of samples.jsonl; ``tokens`` counts the sampled tokens, the EOS that ended them included."""
+    line = {"step": step, "prompt_index": index, "sample": k, "prompt": prompt.text, "completion": sample.text,
+            "tokens": len(sample.token_ids), "finished": sample.finished}
+    if scores:
+        line["scores"] = scores
+    return line
+
+
+def table(records: list[dict]) -> tuple[list[str], list[list[Any]]]:
+    """The records as the trackers' table: columns, then one row per completion."""
+    score_names = list(records[0].get("scores", {})) if records else []
+    columns = ["step", "prompt_index", "sample", "prompt", "completion", "tokens", "finished",
+               *(f"score/{name}" for name in score_names)]
+    rows = [[r["step"], r["prompt_index"], r["sample"], prompt_text(r["prompt"]), r["completion"], r["tokens"],
+             r["finished"], *(r["scores"][name] for name in score_names)] for r in records]
+    return columns, rows
+
+
+def prompt_text(prompt: Text) -> str:
+    """A prompt as one string: chat messages as ``role: content`` lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{message.get('role', '?')}: {message.get('content', '')}" for message in prompt)
+
+
+def means(records: list[dict]) -> dict[str, float]:
+    """The metrics of one sampling: mean length, the share that ended with EOS, each scorer's mean score."""
+    values = {
+        "eval/samples/tokens": statistics.fmean(r["tokens"] for r in records),
+        "eval/samples/finished": statistics.fmean(float(r["finished"]) for r in records),
+    }
+    for name in records[0].get("scores", {}):
+        values[f"eval/samples/score/{name}"] = statistics.fmean(r["scores"][name] for r in records)
+    return values
+
+
+def _checked(scores, count: int, who: str) -> list[float]:
+    values = [float(value) for value in scores]
+    if len(values) != count:
+        raise PrefoptError(f"{who} returned {len(values)} scores for {count} completions; it must return one each")
+    return values
+
+
+# ----------------------------------------------------------------------------------------------------------
+# samples.jsonl on resume
+
+
+def cut_back(path: Path, step: int, say: Callable[[str], None] = tqdm.write) -> None:
+    """Keep the lines of the steps before ``step``, where a run resumes (it samples ``step`` again, if it is a step
+    to sample at). A last line torn by a crash is dropped with a note; a damaged line elsewhere stops the run."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        found = _step_of(line)
+        if found is None and number == len(lines):
+            say(f"note: the last line of {path} was cut off by an interrupted write; dropped it")
+        elif found is None:
+            raise PrefoptError(f"{path} line {number} is not a samples record; repair or delete that line, then rerun")
+        elif found < step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        found = json.loads(line)
+    except ValueError:
+        return None
+    return found["step"] if isinstance(found, dict) and isinstance(found.get("step"), int) else None
