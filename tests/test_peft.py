@@ -420,3 +420,15 @@ def test_the_short_lora_form_is_unchanged(tiny_model_dir, pairs_file, tmp_path):
     assert run.summary["reference"]["source"] == BASE_SOURCE
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert run.summary["reference"]["weights"] == base_weights_fingerprint(base)
+
+
+def test_an_adapter_peft_cannot_add_is_a_one_line_error_naming_the_key(tiny_model_dir):
+    """peft's own refusal (here: no module matches target_modules) reaches the user as one line naming the key."""
+    from prefopt.errors import PrefoptError
+    from prefopt.models.loading import load_causal_lm
+    from prefopt.models.peft import add_adapter
+    from prefopt.recipe.schema import ModelConfig
+
+    config = ModelConfig(path=str(tiny_model_dir), lora={"r": 2, "target_modules": ["no_such_module"]})
+    with pytest.raises(PrefoptError, match=r"^model\.lora: peft cannot add this adapter to .*no_such_module"):
+        add_adapter(load_causal_lm(str(tiny_model_dir)), config)

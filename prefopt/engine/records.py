@@ -54,11 +54,17 @@ def append_line(path: Path, line: str) -> None:
 
 def truncate_metrics(path: Path, step: int, say: Callable[[str], None] = tqdm.write) -> None:
     """Drop what a run resumed at ``step`` writes again (lines after ``step``, and what was measured before the
-    step that follows it), so the file reads like one run. A torn last line (a write a crash cut off) is
-    dropped with a note; a damaged line elsewhere is for the user to look at, so it stops the run."""
+    step that follows it), so the file reads like one run."""
+    cut_jsonl(path, lambda r: r["step"] < step or r["step"] == step and not r.get("before_step"), "metrics", say)
+
+
+def cut_jsonl(path: Path, keep: Callable[[dict], bool], what: str, say: Callable[[str], None] = tqdm.write) -> None:
+    """Keep the records of a run's JSONL file (each a dict with an int ``step``) that ``keep`` accepts. A torn last
+    line (a write a crash cut off) is dropped with a note; a damaged line elsewhere is for the user to look at, so
+    it stops the run. The file is rewritten atomically, and only when a line goes."""
     if not path.exists():
         return
-    lines = path.read_text(errors="replace").splitlines()
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     kept = []
     for number, line in enumerate(lines, start=1):
         if not line:
@@ -66,13 +72,12 @@ def truncate_metrics(path: Path, step: int, say: Callable[[str], None] = tqdm.wr
         record = _parse_record(line)
         if record is None and number == len(lines):
             say(f"note: the last line of {path} was cut off by an interrupted write; dropped it")
-            continue
-        if record is None:
-            raise PrefoptError(f"{path} line {number} is not a metrics record; repair or delete that line, then "
-                               "rerun")
-        if record["step"] < step or record["step"] == step and not record.get("before_step"):
+        elif record is None:
+            raise PrefoptError(f"{path} line {number} is not a {what} record; repair or delete that line, then rerun")
+        elif keep(record):
             kept.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _parse_record(line: str) -> dict | None:

@@ -29,11 +29,10 @@ from prefopt.api.judge import JudgeContext, ScoreJudge
 from prefopt.api.sampler import Sample, SamplerContext, derive_seed
 from prefopt.api.task import Text
 from prefopt.engine.distributed import sharded_params
-from prefopt.engine.records import append_line, record
+from prefopt.engine.records import append_line, cut_jsonl, record
 from prefopt.engine.run import Run
 from prefopt.engine.trackers import log_table
 from prefopt.errors import PrefoptError
-from prefopt.paths import atomic_write_text
 
 __all__ = ["SAMPLES_FILE", "TABLE", "Completions", "build_completions", "cut_back", "log_completions"]
 
@@ -265,28 +264,5 @@ def _checked(scores, count: int, who: str) -> list[float]:
 
 def cut_back(path: Path, step: int, say: Callable[[str], None] = tqdm.write) -> None:
     """Keep the lines of the steps before ``step``, where a run resumes (it samples ``step`` again, if it is a step
-    to sample at). A last line torn by a crash is dropped with a note; a damaged line elsewhere stops the run."""
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    kept = []
-    for number, line in enumerate(lines, start=1):
-        if not line:
-            continue
-        found = _step_of(line)
-        if found is None and number == len(lines):
-            say(f"note: the last line of {path} was cut off by an interrupted write; dropped it")
-        elif found is None:
-            raise PrefoptError(f"{path} line {number} is not a samples record; repair or delete that line, then rerun")
-        elif found < step:
-            kept.append(line)
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-def _step_of(line: str) -> int | None:
-    try:
-        found = json.loads(line)
-    except ValueError:
-        return None
-    return found["step"] if isinstance(found, dict) and isinstance(found.get("step"), int) else None
+    to sample at); torn and damaged lines as in metrics.jsonl (``records.cut_jsonl``)."""
+    cut_jsonl(path, lambda record: record["step"] < step, "samples", say)
