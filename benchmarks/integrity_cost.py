@@ -15,18 +15,14 @@ reported as a share of the median setup.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+import provenance  # benchmarks/provenance.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "dpo" / "quickstart.yaml"
@@ -92,23 +88,6 @@ def measure(repeats: int) -> dict:
     }
 
 
-def environment() -> dict:
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-        return done.stdout.strip()
-
-    import torch
-
-    return {
-        "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
-        "commit": git("rev-parse", "HEAD"),
-        "uncommitted_changes": bool(git("status", "--porcelain")),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "python": platform.python_version(), "torch": torch.__version__},
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed setups, and timed checks of each kind")
@@ -116,14 +95,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = environment()
-    load_before = os.getloadavg()
-    result.update(measure(args.repeats))
     # other work on the machine slows setup more than the checks (which are disk reads and hashing)
-    result["machine"]["load_average_1_5_15"] = {"before": [round(x, 2) for x in load_before],
-                                                "after": [round(x, 2) for x in os.getloadavg()]}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    result = provenance.start()
+    result.update(measure(args.repeats))
+    provenance.finish(result, args.json)
     share = result["verify_share_of_setup"]
     print(f"setup {result['setup_seconds']['median']:.2f} s (median); verifying the reference cache "
           f"{result['reference_cache']['verify_seconds_median'] * 1000:.1f} ms and the task data "

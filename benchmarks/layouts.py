@@ -9,6 +9,7 @@ processes are interleaved over layouts and cases, so drift on a shared machine h
 
     python benchmarks/layouts.py                                # both default cases, median of 3
     python benchmarks/layouts.py --cases 384:64 --jitter 0.5 --repeats 5
+    python benchmarks/layouts.py --json benchmarks/results/layouts.json   # also the raw result
 
 It prints, per case and layout, the median seconds per forward+backward, peak RSS above the loaded model
 (MiB), the tokens the model runs and the attention-score entries it computes, then the speedups over
@@ -24,6 +25,9 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import provenance  # benchmarks/provenance.py, beside this script
 
 LAYOUTS = ("padded", "packed", "prefix_shared")
 
@@ -110,6 +114,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the raw result here (with command, commit and load)")
     parser.add_argument("--layout", choices=LAYOUTS, help=argparse.SUPPRESS)
     parser.add_argument("--case", type=_case, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -117,12 +122,14 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
 
+    record = provenance.start()
     cases = [_case(c) for c in args.cases.split(",")]
     results = {(case, layout): [] for case in cases for layout in LAYOUTS}
     for _ in range(args.repeats):
         for case in cases:
             for layout in LAYOUTS:  # interleaved, so drift on a shared machine hits every layout alike
-                argv = [sys.executable, __file__, *sys.argv[1:], "--layout", layout, "--case", "%d:%d" % case]
+                argv = [sys.executable, __file__, *_child_args(sys.argv[1:]), "--layout", layout,
+                        "--case", "%d:%d" % case]
                 out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
                 results[case, layout].append(json.loads(out.strip().splitlines()[-1]))
     model_mib = _model_mib(args)
@@ -133,6 +140,7 @@ def main() -> None:
     header = f"{'prompt:response':>16} {'ratio':>6} {'layout':>14} {'s/step':>8} {'speedup':>8} {'peak MiB':>9} " \
              f"{'tokens':>7} {'real':>6} {'attn scores':>12} {'sum drift':>10}"
     print(header)
+    rows = []
     for case in cases:
         padded = results[case, "padded"]
         padded_seconds = statistics.median(r["seconds"] for r in padded)
@@ -142,11 +150,34 @@ def main() -> None:
             peak = statistics.median(r["peak_mib"] for r in runs) - model_mib
             # Relative to the sum: these sum hundreds of log-probs of about -11 (a random model, vocab 49,152).
             drift = max(abs(a - b) / abs(b) for a, b in zip(runs[0]["sums"], padded[0]["sums"]))
+            rows.append({"prompt_tokens": case[0], "response_tokens": case[1], "layout": layout,
+                         "layout_used": runs[0]["layout_used"], "seconds": [r["seconds"] for r in runs],
+                         "seconds_median": seconds, "speedup": padded_seconds / seconds,
+                         "peak_mib_over_model": peak, "tokens": runs[0]["tokens"],
+                         "real_tokens": runs[0]["real_tokens"], "attention_scores": runs[0]["scores"],
+                         "sum_drift": drift})
             used = "" if runs[0]["layout_used"] == layout else f" (ran {runs[0]['layout_used']})"
             print(f"{'%d:%d' % case:>16} {case[0] / case[1]:>6.2f} {layout + used:>14} {seconds:>8.3f} "
                   f"{padded_seconds / seconds:>7.2f}x {peak:>9.0f} {runs[0]['tokens']:>7} {runs[0]['real_tokens']:>6} "
                   f"{runs[0]['scores']:>12,} {drift:>10.1e}")
+    if args.json:
+        record.update(settings={k: v for k, v in vars(args).items() if k not in ("json", "layout", "case")},
+                      model_mib=model_mib, rows=rows)
+        provenance.finish(record, args.json)
+        print(f"-> {args.json}")
 
+
+def _child_args(argv: list[str]) -> list[str]:
+    """The parent's arguments without --json (a child prints its one measurement)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--json":
+            skip = True
+        elif not arg.startswith("--json="):
+            kept.append(arg)
+    return kept
 
 if __name__ == "__main__":
     main()

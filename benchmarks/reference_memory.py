@@ -32,6 +32,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import provenance  # benchmarks/provenance.py, beside this script
+
 OPENINGS = ["The movie was", "The acting in this film", "I left the theater feeling", "The soundtrack",
             "Overall, the story", "The director has made", "Critics will say the plot", "The final scene"]
 GOOD = ["a joy from start to finish, with warmth and wit in every scene",
@@ -118,12 +120,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the raw result here (with command, commit and load)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args)))
         return
 
+    record = provenance.start()
     with tempfile.TemporaryDirectory(prefix="prefopt-refmem-") as tmp:
         root = Path(tmp)
         assets = build_assets(root, args.layers, args.extra)
@@ -142,11 +146,18 @@ def main() -> None:
     print(f"policy: 135M-shaped Llama with {args.layers} layers; mrpo: {1 + args.extra} references; "
           f"{args.steps} steps of 4 pairs x <=128 tokens; fp32 full fine-tuning; {args.threads} threads")
     print(f"{'':8}{'dpo MiB':>12}{'mrpo MiB':>12}{'mrpo/dpo':>10}")
+    summary = {}
     for phase in ("warm", "cold"):
         dpo, mrpo = statistics.median(results["dpo"][phase]), statistics.median(results["mrpo"][phase])
+        summary[phase] = {"dpo_peak_mib": dpo, "mrpo_peak_mib": mrpo, "ratio": mrpo / dpo}
         label = f"{phase} ({'median of ' + str(args.repeats) if phase == 'warm' else '1 run'})"
         print(f"{label:<22}{dpo:>8.0f}{mrpo:>12.0f}{mrpo / dpo:>10.3f}")
     print(json.dumps(results))
+    if args.json:
+        record.update(settings={k: v for k, v in vars(args).items() if k not in ("json", "child")},
+                      peak_rss_mib=results, medians=summary)
+        provenance.finish(record, args.json)
+        print(f"-> {args.json}")
 
 
 if __name__ == "__main__":
