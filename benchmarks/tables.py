@@ -42,6 +42,8 @@ LENGTH_BENCH = "length_bench.json"
 EOS_PROBE = "length_eos_probe.json"
 INTEGRITY = "integrity_cost.json"
 QUICKSTART = "restructure_parity/quickstart-after-summary.json"
+JUDGE = "judge_agreement.json"
+REFERENCE_MEMORY = "reference_memory.json"
 
 MEMORY_GOAL = 0.6  # prefopt peak RSS <= 0.6 x TRL's leanest: the goal benchmarks/README.md states
 
@@ -288,6 +290,63 @@ def load_averages() -> tuple[str, str]:
     return f"{averages['before'][0]:.1f}", f"{averages['after'][0]:.1f}"
 
 
+# The LLM judge against VADER (benchmarks/judge_agreement.py)
+
+def judge_settings() -> dict[bool, dict]:
+    return {setting["both_orders"]: setting for setting in raw(JUDGE)["settings"]}
+
+
+def judge_agreement() -> str:
+    """Bold: the share of "first" answers of one order, the position bias the table is about."""
+    rows = []
+    for both_orders, label in ((False, "one order"), (True, "both orders (default)")):
+        setting = judge_settings()[both_orders]
+        pairs = setting["pairs"]
+        said_first = f"{setting['said_first']}/{pairs}"
+        rows.append([label, f"{setting['agrees_with_vader']}/{pairs}", bold(said_first, not both_orders),
+                     f"{setting['seconds_median']:.1f} s"])
+    return markdown(["judge setting", "agrees with VADER", 'said "first"', "time"], rows)
+
+
+def judge_setup_numbers() -> tuple[str, ...]:
+    """The pairs kept and the least VADER gap of a pair kept."""
+    return str(judge_settings()[True]["pairs"]), f"{raw(JUDGE)['min_gap']:.1f}"
+
+
+def judge_load() -> tuple[str, ...]:
+    """The 1-minute load average at the end of the run."""
+    return (f"{raw(JUDGE)['machine']['load_average_1_5_15']['after'][0]:.1f}",)
+
+
+def judge_findings() -> tuple[str, ...]:
+    """The both-orders runs' fastest and slowest seconds, then agreement with VADER as "n/pairs"."""
+    both = judge_settings()[True]
+    return (f"{min(both['seconds']):.0f}", f"{max(both['seconds']):.0f}", str(both["agrees_with_vader"]),
+            str(both["pairs"]))
+
+
+# Several references from the cache (benchmarks/reference_memory.py)
+
+def reference_memory() -> str:
+    result = raw(REFERENCE_MEMORY)
+    repeats = result["settings"]["repeats"]
+    rows = []
+    for phase, label in (("warm", f"warm: caches already built (median of {repeats})"),
+                         ("cold", "cold: caches built in the measured process (1 run)")):
+        medians = result["medians"][phase]
+        rows.append([label, f"{thousands(medians['dpo_peak_mib'])} MiB", f"{thousands(medians['mrpo_peak_mib'])} MiB",
+                     bold(f"{medians['ratio']:.3f}", phase == "warm")])
+    return markdown(["phase", "dpo peak RSS", "mrpo peak RSS", "mrpo / dpo"], rows)
+
+
+def reference_memory_numbers() -> tuple[str, ...]:
+    """The warm ratio, how far MRPO's peak is from DPO's in percent, and each variant's warm range in MiB."""
+    result = raw(REFERENCE_MEMORY)
+    ratio = result["medians"]["warm"]["ratio"]
+    ranges = [(min(result["peak_rss_mib"][v]["warm"]), max(result["peak_rss_mib"][v]["warm"])) for v in ("dpo", "mrpo")]
+    return (f"{ratio:.3f}", f"{abs(ratio - 1) * 100:.1f}", *(thousands(x) for low_high in ranges for x in low_high))
+
+
 # The quickstart (README.md)
 
 TIE = 1e-6  # |implicit reward| below this at step 0: the policy is its reference, every held-out pair a tie
@@ -319,6 +378,8 @@ TABLES: dict[str, tuple[str, Callable[[], str]]] = {
     "length_bench": (LENGTH_BENCH, length_bench),
     "length_eos_probe": (EOS_PROBE, length_eos_probe),
     "integrity_cost": (INTEGRITY, integrity_cost),
+    "judge_agreement": (JUDGE, judge_agreement),
+    "reference_memory": (REFERENCE_MEMORY, reference_memory),
 }
 
 
@@ -517,6 +578,15 @@ QUOTES = [
           length_numbers(("ld-dpo-b0.1", "reward", 3))),
     Quote("eos shifts", BENCH_README, "DPO and R-DPO move log p(EOS) by at most {} nats. LD-DPO lowers it by {}–{} "
           "nats", eos_shift_numbers),
+    Quote("judge setup", BENCH_README, "It uses the {} pairs of the quickstart recipe's held-out data whose VADER "
+          "scores differ by more than {}.", judge_setup_numbers),
+    Quote("judge load", BENCH_README, "shared with test runs (1-minute load average {} at the end)",
+          judge_load),
+    Quote("judge findings", BENCH_README, "the three both-orders runs took {}–{} s, so the table's times say more "
+          "about the load than about the judge. - **Agreement:** at 135M parameters the model cannot judge "
+          "sentiment: {}/{} is chance.", judge_findings),
+    Quote("reference memory", BENCH_README, "The warm ratio is {}: MRPO peaked {}% below DPO, inside the spread "
+          "between repeats (DPO's warm runs peaked at {}–{} MiB, MRPO's at {}–{} MiB).", reference_memory_numbers),
     Quote("integrity load", BENCH_README, "(1-minute load average {} at the start, {} at the end)", load_averages),
     Quote("README trl_speed", MAIN_README, "trained at {}x the tokens/s of TRL's fastest configuration (precomputed "
           "reference log-probs) with per-step losses equal to TRL's within {}, and peaked at {}x the memory of TRL's "

@@ -7,7 +7,9 @@
   writes), ``PrefoptError`` (every problem a user can fix; ``RecipeError`` and ``NonFiniteError`` subclass
   it) and ``__version__``;
 - for plugin authors: the base classes and configs of each kind of plugin, ``hookimpl``, and the helpers
-  plugins share (``dpo_rewards``, ``pad_token_ids``, ``derive_recipe``, ``format_problems``, ...).
+  plugins share (``dpo_rewards``, ``pad_token_ids``, ``derive_recipe``, ``format_problems``, ...), among them
+  judged evaluation: a model's completions sampled reproducibly (``sample_completions``) and scored by any
+  scorer, with their length and KL (``judge_completions``), which a task's ``evaluate`` is built on.
 
 The plugin contracts these come from (``prefopt.api.*``) and the plugin test kit (``prefopt.testing``) are
 public too; every other submodule is internal and may change without notice.
@@ -37,6 +39,9 @@ _HOMES = {
         "prefopt.api.task": ("Task", "TaskConfig", "TaskContext", "TaskData"),
         "prefopt.errors": ("NonFiniteError", "PrefoptError", "RecipeError"),
         "prefopt.forward.batching": ("pad_token_ids",),
+        "prefopt.judged.evaluate": ("JudgedEval", "JudgedOptions", "JudgedRecord", "judge_completions"),
+        "prefopt.judged.sampling": ("Completion", "ModelSampler", "model_eos_ids", "model_sampler",
+                                    "sample_completions", "sample_prompt_ids"),
         "prefopt.recipe.derive": ("derive_recipe",),
         "prefopt.recipe.problems": ("format_problems",),
         "prefopt.registry.loading": ("hookimpl",),
@@ -58,11 +63,16 @@ __all__ = [
     "Algorithm",
     "AlgorithmConfig",
     "Choice",
+    "Completion",
     "Judge",
     "JudgeConfig",
     "JudgeContext",
+    "JudgedEval",
+    "JudgedOptions",
+    "JudgedRecord",
     "LossConfig",
     "LossOutput",
+    "ModelSampler",
     "PairLogps",
     "PairwiseJudge",
     "Phase",
@@ -87,8 +97,13 @@ __all__ = [
     "eos_token_ids",
     "format_problems",
     "hookimpl",
+    "judge_completions",
+    "model_eos_ids",
+    "model_sampler",
     "pad_token_ids",
     "plugin_config",
+    "sample_completions",
+    "sample_prompt_ids",
 ]
 
 

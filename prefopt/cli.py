@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_browsing(commands)
     data = with_recipe("data", "Build the recipe's task data (if any) and print where it is.")
     data.add_argument("--no-progress", action="store_true")
+    data.add_argument("--export", metavar="DIR", help="also write the pairs to DIR/train.jsonl and DIR/test.jsonl "
+                      "(prompt, chosen, rejected): a plain preference folder for data.path")
     _add_extrapolate(commands)
     _add_bench(commands)
     publish.add_parser(commands)
@@ -199,6 +201,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_data(args) -> int:
+    from pathlib import Path
+
     from prefopt.engine import build_task_data
     from prefopt.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
     from prefopt.registry.loading import default_plugins
@@ -217,6 +221,12 @@ def cmd_data(args) -> int:
 
     _, data = build_task_data(recipe, default_plugins(), model_path, tokenizer, load_model, not args.no_progress)
     print(f"train: {data.train}\neval:  {data.eval}")
+    if args.export:
+        from prefopt.data.export import export_pairs
+
+        for split, (path, count) in export_pairs(data.train, data.eval, Path(args.export)).items():
+            print(f"exported {count} {split} pairs to {path}")
+        print(f"train on them with data.path={args.export} data.eval_split=test (and no data.task)")
     return 0
 
 

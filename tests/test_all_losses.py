@@ -1,7 +1,7 @@
 """Every registered loss, through the real engine: one optimizer step raises the chosen-minus-rejected margin.
 
 The margin is measured on the step's own batch before and after the step, as policy log-ratios
-(pc - rc) - (pr - rr), or pc - pr for a loss without a reference. This catches sign errors and losses
+(pc - rc) - (pr - rr), or pc - pr for a loss without a reference (for a reward model, the score margin). This catches sign errors and losses
 the engine does not wire up (a missing input, a detached output) that value tests cannot.
 """
 
@@ -49,6 +49,9 @@ def test_one_step_raises_the_margin(name, tiny_model_dir, pairs_file, tmp_path):
     tree = tiny_recipe(tiny_model_dir, pairs_file, tmp_path / name,
                        train={"batch_size": 4, "micro_batch_size": 4, "learning_rate": 1e-3, "max_steps": 1})
     tree["loss"] = {"name": name, **OPTIONS.get(name, {})}  # each loss with its own defaults
+    if default_plugins().losses.get(name).scores_sequences:
+        # a reward model scores prompt + response as written, the sequence the reward_model judge scores
+        tree["data"]["append_eos"] = False
     if default_plugins().losses.get(name).multi_reference:
         # a second reference equal to the first: the margin measured against the primary one is the loss's
         tree["reference"] = {"extra": [str(tiny_model_dir)]}

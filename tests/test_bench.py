@@ -29,7 +29,7 @@ ROOT = Path(__file__).parent.parent
 USER_SDIST = cache_root() / "assets" / "vaderSentiment-3.3.2.tar.gz"
 TINY_TASK = {"name": "sentiment", "num_train_prompts": 24, "num_eval_prompts": 6, "completions_per_prompt": 4,
              "max_new_tokens": 8, "batch_size": 32, "eval_seed": 0}
-PNGS = ("frontier.png", "curves.png", "length_reward.png", "throughput_memory.png")
+PNGS = ("frontier.png", "winrate_kl.png", "curves.png", "length_reward.png", "throughput_memory.png")
 
 
 @pytest.fixture(autouse=True)
@@ -266,6 +266,31 @@ def test_kl_is_zero_for_the_initial_model_and_grows_with_the_learning_rate(finis
     moved = [r["kl"] for r in rows if r["entry"] == "moved"]
     assert max(abs(k) for k in frozen) < 1e-5
     assert min(moved) > 1.0
+
+
+def test_every_completion_is_kept_and_compared_with_the_initial_models(finished):
+    from prefopt.bench.files import COMPLETIONS_FILE
+
+    _, out = finished
+
+    def lines(directory: Path) -> list[dict]:
+        return [json.loads(line) for line in (directory / COMPLETIONS_FILE).read_text().splitlines()]
+
+    initial = lines(out / "initial")
+    assert len(initial) == 4 * 2 and all(line["outcome"] is None for line in initial)  # eval: 4 prompts x 2 samples
+    assert json.loads((out / "initial" / "bench-eval.json").read_text())["win_rate"] is None
+    for row in read_rows(out):
+        mine = lines(Path(row["run_dir"]))
+        assert [(m["prompt_index"], m["sample"], m["prompt"]) for m in mine] == [
+            (i["prompt_index"], i["sample"], i["prompt"]) for i in initial]
+        by_hand = [1.0 if m["score"] > i["score"] else 0.0 if m["score"] < i["score"] else 0.5
+                   for m, i in zip(mine, initial)]
+        assert [m["outcome"] for m in mine] == by_hand
+        assert row["win_rate"] == pytest.approx(statistics.fmean(by_hand), abs=1e-12)
+        assert row["reward"] == pytest.approx(statistics.fmean(m["score"] for m in mine), abs=1e-12)
+        if row["entry"] == "frozen":  # weights as they were: the initial model's very completions, all ties
+            assert [m["completion"] for m in mine] == [i["completion"] for i in initial]
+            assert row["win_rate"] == row["lc_win_rate"] == 0.5
 
 
 def test_leaderboard_aggregates_the_rows_and_embeds_the_plots(finished):

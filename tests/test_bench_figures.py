@@ -53,6 +53,7 @@ def synthetic_rows(folder: Path, entries: int, seeds: int = 3, *, reward: bool =
                 "entry": entry, "seed": seed, "overrides": [f"loss.name={entry}"],
                 "reward": value if reward else None, "kl": kl if reward else None,
                 "length": 20 + 2 * index + noise.gauss(0, 1) if reward else None,
+                "win_rate": None, "lc_win_rate": None,  # no comparison with the initial model's completions
                 "accuracy": 0.6 + noise.uniform(0, 0.1), "tokens_per_s": 900 + 40 * index, "pairs_per_s": 3.0,
                 "peak_rss_mib": 2000 + 150 * index + noise.gauss(0, 30), "wall_s": 60.0, "final_loss": loss,
                 "steps": steps, "resumed": False, "eval_s": 5.0,
@@ -143,7 +144,7 @@ def test_frontier_draws_the_front_through_the_initial_model_and_labels_it(tmp_pa
     assert {(kl, reward) for _, kl, reward in expected} <= drawn
     texts = figure_texts(fig)
     assert ax.get_xlabel() == "KL to reference (nats per completion)"
-    assert ax.get_ylabel() == f"mean reward ({REWARD_KEY})"
+    assert ax.get_ylabel() == "mean reward (task sentiment)"
     assert ax.get_title() and any(t.startswith("Pareto front") for t in texts)  # in the legend
     assert {name for name, *_ in expected if name != plots.INITIAL["label"]} <= set(texts)  # front points named
     assert not no_data_lines(fig)

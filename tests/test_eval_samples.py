@@ -283,12 +283,13 @@ def test_the_sentiment_task_gives_its_held_out_openings_and_vader_scores(tmp_pat
      "eval.samples.judge: judge 'llm_pairwise' compares completions in pairs and gives no score of one completion"),
     ({}, {"eval_split": None}, "eval.samples samples held-out prompts, and this run has none: set data.eval_split"),
 ])
-def test_a_mistake_in_eval_samples_is_one_line(tmp_path, capsys, samples, data, message):
+@pytest.mark.parametrize("command", [["validate"], ["train", "--no-progress"]])
+def test_a_mistake_in_eval_samples_is_one_line(tmp_path, capsys, samples, data, message, command):
     tree = samples_tree(tmp_path, samples)
     tree["data"].update(data)
     path = write_recipe(tree, tmp_path / "recipe.yaml")
     capsys.readouterr()
-    err = one_line_error(capsys, ["train", str(path), "--no-progress"])
+    err = one_line_error(capsys, [command[0], str(path), *command[1:]])
     assert message in err, err
     assert not (tmp_path / "run" / "samples.jsonl").exists()
 

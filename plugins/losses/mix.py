@@ -57,7 +57,8 @@ class Mix(PreferenceLoss):
     What the mixture declares and returns:
     - needs: the union of its components' (a reference if any component needs one, per-token log-probs or
       log collision probabilities likewise); each component reads only the fields it needs. Unpaired losses
-      (KTO) mix only with each other: their rows are labelled examples, not pairs.
+      (KTO) mix only with each other: their rows are labelled examples, not pairs. Likewise reward-model losses
+      (``scores_sequences``, bradley_terry): their rows hold scores of a sequence scorer, not log-probs.
     - rewards: the first component's, so list the loss whose implicit reward is meant to be logged first.
     - metrics: each component's unweighted per-pair loss as ``<name>`` and its own metrics as
       ``<name>/<key>``; a loss listed twice is told apart by position, ``<name>[<position>]``.
@@ -107,6 +108,14 @@ class Mix(PreferenceLoss):
             raise PrefoptError(f"loss.components: paired and unpaired losses cannot be mixed: {kinds}; their "
                                "batches hold different rows (pairs vs labelled examples)")
         self.unpaired = all(unpaired)
+        # A reward model's rows hold scores, not log-probs, so a mixture is all scorers (itself one) or none.
+        scorers = [getattr(c, "scores_sequences", False) for c in parts]
+        if any(scorers) and not all(scorers):
+            kinds = ", ".join(f"{key} ({'reward model' if s else 'log-probs'})"
+                              for (key, _, _), s in zip(self.components, scorers))
+            raise PrefoptError(f"loss.components: reward-model losses (one score per sequence) and log-prob losses "
+                               f"cannot be mixed: {kinds}; their models differ")
+        self.scores_sequences = all(scorers)
 
     @staticmethod
     def _build(spec: Mapping[str, Any], where: str, losses: Registry[PreferenceLoss]) -> tuple[PreferenceLoss, float]:

@@ -1,9 +1,9 @@
 """The loss contract: everything a loss plugin sees and returns.
 
 A loss is pure tensor math. The engine batches, runs the models, computes log-probs (``prefopt.forward.logprobs``)
-and reduces; a loss maps per-sequence log-probs to per-pair losses and rewards. What a loss needs beyond
-the policy's summed log-probs it *declares* as class attributes, and the engine computes exactly that;
-the engine never looks at a loss's name.
+and reduces; a loss maps per-sequence log-probs (a reward model's scores, for a loss that declares
+``scores_sequences``) to per-pair losses and rewards. What a loss needs beyond the policy's summed log-probs it
+*declares* as class attributes, and the engine computes exactly that; the engine never looks at a loss's name.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ class PairLogps:
     Sums are over response tokens only (the prompt and padding are masked). Per-token tensors are
     (B, T) with zeros where ``*_mask`` is False, and are present only when the loss declares
     ``requires_token_logps``; reference tensors are present only when it declares ``requires_reference``.
+
+    For a loss that declares ``scores_sequences`` (a reward model), ``policy_chosen`` and ``policy_rejected`` hold
+    the model's scalar score of each whole sequence (prompt + response), not log-probs; the token counts are as
+    usual, and nothing else is present.
 
     For a loss that declares ``unpaired``, row i is one unpaired example (x_i, y_i) instead of a pair:
     the ``*chosen*`` fields are its completion y_i, ``labels[i]`` says whether y_i is desirable, and the
@@ -132,6 +136,13 @@ class PreferenceLoss(Plugin):
     # Reads several references at once (``PairLogps.refs_chosen``/``refs_rejected``); the recipe names the
     # references beyond the primary one in ``reference.extra``. A single-reference loss refuses extras.
     multi_reference: ClassVar[bool] = False
+    # Trains a reward model, not a policy: the model is a sequence scorer with one scalar per sequence
+    # (AutoModelForSequenceClassification, num_labels=1), read at each sequence's last token as the
+    # ``reward_model`` judge reads it, and ``PairLogps.policy_chosen`` / ``policy_rejected`` then hold the scores,
+    # not log-probs. Such a loss runs no reference (``requires_reference = False``) and asks for no per-token
+    # values; the recipe may not ask for what only a generating model does (sampling, an algorithm), and the
+    # saved model is the scorer, with its head.
+    scores_sequences: ClassVar[bool] = False
 
     def __init__(self, config: LossConfig) -> None:
         self.config = config

@@ -1,10 +1,20 @@
 """The task contract: a source of preference data plus an evaluator of trained models.
 
 A task builds its dataset once (deterministically for a seed, cached on disk) and can score a policy
-on its held-out prompts with a ground-truth reward. Benchmarks compare variants through tasks: they call
-``evaluate`` with the run's reference model (for the KL of the policy's samples to it) and with
-``EvalOptions`` (how much to sample, the same for every entry), and read the reward and the length under
-the keys the task names in ``reward_metric`` and ``length_metric``.
+on its held-out prompts with a ground-truth reward. A task that samples supplies only the pieces of its
+evaluation, and the core's judged evaluation (``prefopt.judged.judge_completions``) does the rest, so a
+task's numbers and a bench's on the user's own data come from one code path:
+
+- ``eval_prompts``: the held-out prompts, in order;
+- ``score``: the ground-truth reward of one completion;
+- ``eval_sampling``: how its evaluation samples (completions per prompt, seed, batch size, temperature, ...).
+
+``evaluate`` is then ``judge_completions`` on those three (the sentiment task's is). Benchmarks evaluate a
+task that has ``eval_prompts`` and ``score`` through the same path, with the run's reference model (for the
+KL of the policy's samples to it), the bench's ``EvalOptions`` (how much to sample, the same for every
+entry) and the bench's judge when it names one; a task with only ``evaluate`` (written before these pieces
+existed) is called through it, and its reward and length are read under the keys the task names in
+``reward_metric`` and ``length_metric``.
 """
 
 from __future__ import annotations
@@ -12,9 +22,12 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Sequence, Union
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence, Union
 
 from prefopt.api.plugin import Plugin, PluginConfig
+
+if TYPE_CHECKING:
+    from prefopt.judged.evaluate import JudgedOptions
 
 __all__ = ["KL_METRIC", "EvalOptions", "Task", "TaskConfig", "TaskContext", "TaskData", "completion_logps"]
 
@@ -104,8 +117,15 @@ class Task(Plugin):
 
     def score(self, prompts: Sequence[Text], completions: Sequence[str]) -> list[float] | None:
         """The task's ground-truth reward of each completion (``prompts`` and ``completions`` are parallel
-        lists), higher is better: the engine logs it beside each completion it samples while training.
-        Optional; None: the task scores no single completion."""
+        lists), higher is better: the engine logs it beside each completion it samples while training, and
+        judged evaluation scores with it when no judge is named. Optional; None: the task scores no single
+        completion."""
+        return None
+
+    def eval_sampling(self, data: TaskData, options: EvalOptions) -> "JudgedOptions | None":
+        """How the task's evaluation samples the completions of ``eval_prompts`` (``options`` set per prompt
+        and length limit when they are not None): a ``prefopt.JudgedOptions``, whose seed makes the held-out
+        samples the same for every run evaluated. Optional; None: the caller's settings (a bench's ``eval``)."""
         return None
 
 

@@ -2,9 +2,10 @@
 
     <output.dir>/
       results.jsonl  leaderboard.md  leaderboard.html  leaderboard.json  *.png
-      initial/  bench-recipe.yaml  bench-eval.json              the untrained initial model, evaluated
+      initial/  bench-recipe.yaml  bench-eval.json  bench-completions.jsonl    the untrained initial model, evaluated
       runs/<entry>/seed-<s>/                                    a run directory (the training recipe's output.dir)
-        bench-recipe.yaml  bench-train.log  bench-train.json  bench-eval.json   beside the engine's own files
+        bench-recipe.yaml  bench-train.log  bench-train.json  bench-eval.json  bench-completions.jsonl
+                                                                beside the engine's own files
       runs/<entry>/bench-eval.log                               the evaluation child of the entry's seeds
 """
 
@@ -20,6 +21,7 @@ TRAIN_LOG = "bench-train.log"  # the training child's output
 TRAIN_FILE = "bench-train.json"  # what the bench measured of the training child (wall time, peak memory)
 EVAL_FILE = "bench-eval.json"  # the evaluation result
 EVAL_LOG = "bench-eval.log"  # the evaluation child's output, one per entry
+COMPLETIONS_FILE = "bench-completions.jsonl"  # the evaluated completions, one JSON line each, with their scores
 RESULTS_FILE = "results.jsonl"
 
 

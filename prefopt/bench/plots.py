@@ -3,6 +3,8 @@
 - ``frontier.png``: reward vs KL to the reference (the DPO paper's Fig. 2, left). Each entry's mean over
   seeds with bars from its lowest to its highest seed on both axes, every run faint behind it, the untrained
   initial model as a star, and the Pareto front (no other point has more reward at less KL) as a step line.
+- ``winrate_kl.png``: win rate against the initial model vs KL, drawn as the frontier is, with each entry's
+  length-controlled win rate as a hollow marker of its colour; the initial model ties with itself (0.5).
 - ``curves.png``: metrics.jsonl keys against the optimizer step (the bench recipe's ``plots.curves``), each
   entry's mean over seeds with a band from the lowest to the highest seed.
 - ``length_reward.png``: reward against completion length (does an entry buy reward with length?).
@@ -44,6 +46,8 @@ FRONT_COLOUR = "0.45"
 NO_DATA = "no data"
 KL_LABEL = "KL to reference (nats per completion)"
 LENGTH_LABEL = "mean completion length (tokens)"
+WIN_RATE_LABEL = "win rate against the initial model"
+EVEN = 0.5  # the win rate of a model as good as the initial one, and of the initial model against itself
 
 
 def entry_styles(names: list[str]) -> dict[str, dict]:
@@ -66,8 +70,15 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[tuple[str, floa
 
 
 def reward_label(rows: list[dict], initial: dict | None) -> str:
-    """The y axis: "mean reward" and the task metric the results took it from (the key of the evaluation's
-    metrics holding the reward's value), so a judge's score is not read as another task's."""
+    """The y axis: "mean reward" and where it comes from: the judge that scored the completions when the
+    evaluation records one (``judge``: {"name": ..., its options}), else the task that scored them (``task``),
+    else the metric key it was read from, so one judge's score is not read as another's."""
+    judge = judge_name(rows, initial)
+    if judge:
+        return f"mean reward (judge {judge})"
+    task = next((r.get("task") for r in [initial or {}, *rows] if r.get("task")), None)
+    if task:
+        return f"mean reward (task {task})"
     for result in [*rows, initial or {}]:
         reward = result.get("reward")
         metrics = result.get("task_metrics") or result.get("metrics") or {}
@@ -76,6 +87,24 @@ def reward_label(rows: list[dict], initial: dict | None) -> str:
             key = min(keys, key=lambda k: not k.startswith("reward"))  # the reward/* key when several tie
             return f"mean reward ({key})"
     return "mean reward"
+
+
+def judge_name(rows: list[dict], initial: dict | None) -> str | None:
+    """The judge the evaluation records, as its name and, when one of its options is text (a function, a
+    model path), that option's last part: "function: completion_reward". None when none is recorded."""
+    for result in [initial or {}, *rows]:
+        judge = result.get("judge")
+        if isinstance(judge, dict) and judge.get("name"):
+            options = [value for key, value in judge.items() if key != "name"]
+            options += [value for nested in options if isinstance(nested, dict) for value in nested.values()]
+            # a name or a path, not a prompt template
+            names = [value for value in options
+                     if isinstance(value, str) and value and not any(c.isspace() for c in value)]
+            if not names:
+                return str(judge["name"])
+            detail = names[0].rstrip("/").replace(":", "/").rsplit("/", 1)[-1]
+            return f"{judge['name']}: {detail}"
+    return None
 
 
 def figure_texts(fig) -> list[str]:
@@ -200,6 +229,54 @@ def _draw_front(ax, front: list[tuple[str, float, float]]) -> None:
         ax.annotate("initial" if name == INITIAL["label"] else name, (kl, reward), xytext=(7, 6),
                     textcoords="offset points", fontsize=8, color="0.15",
                     bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.75})
+
+
+def winrate_kl_figure(rows: list[dict], records: list[dict], initial: dict | None, styles: dict):
+    """Win rate against the initial model (filled, with its seeds) and the length-controlled win rate
+    (hollow, the same colour, joined to it by a thin line) at each entry's mean KL."""
+    title = "Win rate against the initial model vs KL to the reference"
+    if not any(r.get("win_rate") is not None for r in rows):
+        return _no_data_figure(title, "no run has a win rate against the initial model "
+                                      "(the bench's evaluation compared none)")
+    if all(r["win_rate"].mean is None or r["kl"].mean is None for r in records):
+        return _no_data_figure(title, "no run has both a win rate and a KL to the reference")
+    fig, ax = _figure(6.2)
+    ax.axhline(EVEN, color=FRONT_COLOUR, linestyle="--", linewidth=1.2, zorder=1,
+               label="0.5: as good as the initial model")
+    missing = _spread_points(ax, rows, records, styles, "kl", "win_rate")
+    _length_controlled_points(ax, [r for r in records if r["entry"] not in missing], styles)
+    kl = 0.0 if initial is None or initial.get("kl") is None else initial["kl"]
+    ax.scatter(kl, EVEN, zorder=2.5, **INITIAL)  # ties with itself on every prompt, by definition
+    ax.margins(0.07)
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, -0.03), min(high, 1.03))  # a rate: no room drawn past 0 or 1
+    ax.set_xlabel(KL_LABEL)
+    judge = judge_name(rows, initial)
+    ax.set_ylabel(WIN_RATE_LABEL + (f" (judge {judge})" if judge else ""))
+    ax.set_title(f"{title}: up and to the left is better")
+    ax.grid(alpha=0.3)
+    _legend_below(fig, ax, [r["entry"] for r in records], _missing_line(missing))
+    return fig
+
+
+def _length_controlled_points(ax, records: list[dict], styles: dict) -> None:
+    """Each entry's mean length-controlled win rate as a hollow marker above or below its win rate, joined to
+    it: the line's length is how much of the win (or the loss) length accounts for."""
+    drawn = False
+    for record in records:
+        lc, kl, raw = record["lc_win_rate"].mean, record["kl"].mean, record["win_rate"].mean
+        if lc is None:
+            continue
+        style = styles[record["entry"]]
+        ax.plot([kl, kl], [raw, lc], color=style["color"], linewidth=1.0, linestyle=":", zorder=2)
+        # Empty inside and larger than the entry's mean marker: where the two rates agree (equal lengths) it
+        # rings that marker instead of hiding it, and a star or bar under it shows through.
+        ax.scatter(kl, lc, s=110, marker=style["marker"], facecolors="none", edgecolors=style["color"],
+                   linewidths=1.6, zorder=3.5)
+        drawn = True
+    if drawn:  # one legend line for every hollow marker, in a neutral colour
+        ax.scatter([], [], s=110, marker="o", facecolors="none", edgecolors="0.3", linewidths=1.6,
+                   label="hollow: length-controlled win rate (at equal length)")
 
 
 def length_reward_figure(rows: list[dict], records: list[dict], initial: dict | None, styles: dict):
@@ -335,6 +412,7 @@ def write_plots(out_dir: Path, rows: list[dict], records: list[dict], initial: d
     styles = entry_styles(order)
     figures = {
         "frontier": frontier_figure(rows, records, initial, styles),
+        "winrate_kl": winrate_kl_figure(rows, records, initial, styles),
         "curves": curves_figure(curves_by_entry, order, styles, curve_keys),
         "length_reward": length_reward_figure(rows, records, initial, styles),
         "throughput_memory": throughput_memory_figure(records, styles),

@@ -2,14 +2,19 @@
 
 A bench recipe names a training recipe (``base``), overrides applied to every entry (the budget, say
 ``train.max_steps=16``), the seeds, the entries (a name and the overrides that make the variant) and
-how the task evaluator samples. Every entry x seed becomes an ordinary training recipe::
+how runs are evaluated (``eval``): how many held-out prompts and completions, and the judge that scores
+them (``eval.judge``, any judge plugin; without one, the task's own reward). Every entry x seed becomes an
+ordinary training recipe::
 
     base + overrides + entry overrides + seed=<s> + output.dir=<output.dir>/runs/<entry>/seed-<s>
 
 (and ``output.resume=auto``, so a crashed bench resumes; ``output.save_model=true``, for the evaluator;
 ``output.merge_lora=false``, so a LoRA run keeps its adapter, a few MB, rather than a merged copy of the
 whole model: dozens of runs of a 135M model would otherwise fill tens of GB). All of them are validated
-before anything trains, and every problem is reported at once, naming the entry.
+before anything trains, and every problem is reported at once, naming the entry; so is ``eval.judge`` (its
+name and its options, against the judge's own Config) and what evaluating needs: a bench on data that is no
+task judges the completions of held-out prompts, so it needs ``data.eval_split`` and ``eval.judge`` (with
+neither, its rows hold training metrics only).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from prefopt.errors import PrefoptError, RecipeError
 from prefopt.recipe import apply_override, format_problems, parse_override, read_yaml, validate_tree
+from prefopt.api.algorithm import PluginSpec, plugin_config
+from prefopt.api.judge import PairwiseJudge, ScoreJudge
 from prefopt.api.task import EvalOptions
 
 # Names become directory names: letters, digits, dot, dash, underscore; no leading dot or dash.
@@ -93,14 +100,36 @@ class EntrySpec(_Section):
 
 
 class EvalSpec(_Section):
-    num_prompts: Optional[int] = Field(None, ge=1, description="Held-out prompts to sample; none: the task's own.")
-    samples_per_prompt: Optional[int] = Field(
-        None, ge=1, description="Completions sampled per prompt; none: the task's own setting."
+    num_prompts: Optional[int] = Field(
+        None, ge=1, description="The first N held-out prompts; none: all of them (the task's, or data.eval_split's)."
     )
-    max_new_tokens: Optional[int] = Field(None, ge=1, description="Length limit of each completion; none: the task's.")
+    samples_per_prompt: Optional[int] = Field(
+        None, ge=1, description="Completions sampled per prompt; none: the task's own setting, else 1."
+    )
+    max_new_tokens: Optional[int] = Field(
+        None, ge=1, description="Length limit of each completion; none: the task's, else 24."
+    )
+    judge: Optional[PluginSpec] = Field(
+        None, description="A judge plugin that scores (or compares, for a pairwise judge) each completion: {name: "
+        "..., <its options>}; none: the task's own reward. Needed on data that is no task.",
+    )
+    seed: Optional[int] = Field(
+        None, ge=0, description="Sampling seed, the same for every run; none: the task's eval seed, else the "
+        "bench's first seed.",
+    )
+    temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature on data that is no task (a task "
+                               "samples as it says); 1.0 samples the model as it is, as the KL estimate needs.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass on data that is no task; 1.0: off.")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens, on data that is no task; 0: off.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Sequences per generate call on data that is no task; "
+                            "with the seed, it fixes the random stream.")
 
     def options(self) -> EvalOptions:
         return EvalOptions(self.num_prompts, self.samples_per_prompt, self.max_new_tokens)
+
+    def record(self) -> dict:
+        """Everything that decides an evaluation's numbers, as JSON: what a current evaluation must match."""
+        return self.model_dump(mode="json")
 
 
 class OutputSpec(_Section):
@@ -120,7 +149,7 @@ class BenchRecipe(_Section):
     overrides: list[str] = Field([], description="Dotted-key overrides applied to every entry (the budget).")
     seeds: list[int] = Field([0], min_length=1, description="Every entry is trained once per seed.")
     entries: list[EntrySpec] = Field(..., min_length=1, description="The variants, each a name and overrides.")
-    eval: EvalSpec = Field(EvalSpec(), description="How the task evaluator samples; the same for every run.")
+    eval: EvalSpec = Field(EvalSpec(), description="How runs are sampled and judged; the same for every run.")
     plots: PlotsSpec = Field(PlotsSpec(), description="What the figures show.")
     output: OutputSpec
 
@@ -183,6 +212,20 @@ class Bench:
     @property
     def initial_dir(self) -> Path:
         return self.dir / INITIAL
+
+    @property
+    def evaluation(self) -> EvalSpec:
+        """``eval`` with the seed resolved: the bench's first seed on data that is no task (a task's evaluation
+        keeps its own eval seed unless ``eval.seed`` sets one)."""
+        e = self.spec.eval
+        if e.seed is None and self.initial is not None and self.initial.data.task is None:
+            return e.model_copy(update={"seed": self.spec.seeds[0]})
+        return e
+
+    @property
+    def judged(self) -> bool:
+        """Whether runs are evaluated (a task, or a judge); without either, rows hold training metrics only."""
+        return self.initial is not None and (self.initial.data.task is not None or self.spec.eval.judge is not None)
 
     def run_dir(self, entry: str, seed: int) -> Path:
         return self.dir / "runs" / entry / f"seed-{seed}"
@@ -255,6 +298,35 @@ def _with_runs(bench: Bench, plugins) -> Bench:
         for problem, seeds in seeds_by_problem.items():
             which = "" if len(seeds) == len(spec.seeds) else f" (seed {', '.join(map(str, seeds))})"
             problems.append(f"entries[{index}] {entry.name!r}{which}: {problem}")
+    if initial is not None:
+        problems += evaluation_problems(spec.eval, initial, plugins)
     if problems:
         raise RecipeError(str(bench.path), problems)
     return Bench(bench.path, spec, bench.base, bench.dir, tuple(runs), initial)
+
+
+def evaluation_problems(spec: EvalSpec, initial, plugins) -> list[str]:
+    """What stops the runs' evaluation: a judge that is not installed, that takes other options or neither scores
+    nor compares completions; data that is no task with a judge but no held-out prompts."""
+    problems = []
+    if spec.judge is not None:
+        try:
+            judge_parts(spec.judge, plugins)
+        except PrefoptError as exc:
+            problems.append(str(exc))
+    if initial.data.task is None and spec.judge is not None and not initial.data.eval_split:
+        problems.append("eval.judge judges completions of held-out prompts, and the base recipe (with the overrides) "
+                        "holds none: set data.eval_split, or leave out eval.judge")
+    return problems
+
+
+def judge_parts(spec: PluginSpec, plugins) -> tuple[type, Any]:
+    """The judge class ``eval.judge`` names and its validated Config; a one-line error naming ``eval.judge``."""
+    try:
+        cls = plugins.judges.get(spec.name)
+    except PrefoptError as exc:  # the registry's message (did you mean), with the recipe key in front
+        raise PrefoptError(f"eval.judge.name: {exc}") from None
+    if not issubclass(cls, (ScoreJudge, PairwiseJudge)):
+        raise PrefoptError(f"eval.judge: judge {spec.name!r} neither scores one completion nor compares two; name a "
+                           "score judge or a pairwise judge (`prefopt list judge`)")
+    return plugin_config(plugins.judges, spec, "eval.judge")

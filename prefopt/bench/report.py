@@ -2,9 +2,14 @@
 PNG, no external assets; each under a heading and a sentence on how to read it), ``leaderboard.json`` (the
 per-entry statistics) and the PNG figures (``plots.py``).
 
-Entries are sorted by mean reward. Each cell is the mean over seeds with its spread: the sample standard
-deviation for 3 seeds or more, the [min, max] range for 2 (a standard deviation of two values says
-little), nothing for 1.
+Entries are sorted by mean reward (by mean win rate when no entry has a reward). Each cell is the mean over
+seeds with its spread: the sample standard deviation for 3 seeds or more, the [min, max] range for 2 (a
+standard deviation of two values says little), nothing for 1. The win-rate columns show only when some run
+has a win rate (benches evaluated before them have none).
+
+Where the evaluation kept its completions (``bench-completions.jsonl``), a "Completions" section shows the
+first held-out prompts side by side: the initial model's completion and each entry's, with their scores and
+outcomes.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import html
 import json
 from pathlib import Path
 
+from prefopt.bench.examples import HTML_STYLE as EXAMPLES_STYLE
+from prefopt.bench.examples import Example, collect_examples, examples_html, examples_markdown
 from prefopt.bench.files import EVAL_FILE, read_json
-from prefopt.bench.plots import write_plots
+from prefopt.bench.plots import EVEN, judge_name, write_plots
 from prefopt.bench.recipe import Bench
 from prefopt.bench.results import METRICS, Spread, aggregate, metric_lines
 from prefopt.paths import atomic_write_text
@@ -24,6 +31,8 @@ COLUMNS = {  # metric -> (header, format)
     "reward": ("reward", ".3f"),
     "kl": ("KL", ".2f"),
     "length": ("length", ".1f"),
+    "win_rate": ("win rate", ".2f"),
+    "lc_win_rate": ("LC win rate", ".2f"),
     "accuracy": ("accuracy", ".2f"),
     "tokens_per_s": ("tokens/s", ".0f"),
     "peak_rss_mib": ("peak RSS MiB", ".0f"),
@@ -36,6 +45,13 @@ FIGURES = {  # figure -> (heading, how to read it)
                  "from its lowest to its highest seed on both axes, the faint markers behind it are its runs, "
                  "the star is the untrained initial model, and the dashed step line joins the entries that no "
                  "other entry beats on both reward and KL (the Pareto front)."),
+    "winrate_kl": ("Win rate against the initial model vs KL to the reference",
+                   "Up and to the left is better: each outlined marker is an entry's win rate over the initial "
+                   "model's completions of the same prompts and seeds (a tie counts half), its mean over seeds with "
+                   "bars from its lowest to its highest seed, and its runs faint behind it; the hollow marker of the "
+                   "same colour, joined to it, is its length-controlled win rate (the win rate at equal length), so "
+                   "a long join means length accounts for much of the difference; the star is the initial model, "
+                   "which ties with itself, and above the dashed line at 0.5 an entry beats it."),
     "curves": ("Training curves",
                "Each line is an entry's mean over seeds against the optimizer step, and its shaded band spans "
                "the lowest to the highest seed at that step; a panel names the entries that did not log its key."),
@@ -47,13 +63,24 @@ FIGURES = {  # figure -> (heading, how to read it)
                           "leaderboard order; the whiskers span the lowest to the highest seed."),
 }
 TEXT_COLUMNS = {"entry", "overrides", "run"}  # left-aligned; every other column holds numbers
+WIN_RATES = ("win_rate", "lc_win_rate")
+EXAMPLE_PROMPTS = 8  # the completions section's prompts: enough to see a style, few enough to read
+MARKDOWN_CUT = 300  # characters of a completion or prompt the markdown shows; the HTML shows them whole
 EXPLANATION = (
-    "reward: mean ground-truth reward of completions sampled from the trained model on held-out prompts. "
+    "reward: mean score of completions sampled from the trained model on held-out prompts (the task's "
+    "ground-truth reward, or the bench's judge). "
     "KL: mean over those samples of log pi(y|x) - log pi_ref(y|x) summed over the completion's tokens "
     "(nats; pi_ref is the run's reference). length: completion tokens. accuracy: held-out preference "
     "accuracy of the implicit reward after training. tokens/s: median over training steps. peak RSS: "
     "maximum resident memory of the training process. train s: its wall time, which for the first run of a "
     "seed includes building the caches later runs share (task data, reference log-probs)."
+)
+WIN_RATE_EXPLANATION = (
+    "win rate: the share of the initial model's completions that the entry's completions beat, on the same "
+    "held-out prompts sampled with the same seeds, by the judge's scores or, for a pairwise judge, by its "
+    "preference asked both ways round; a tie counts half, so the initial model, the baseline, has 0.5. LC win "
+    "rate: the length-controlled win rate, the win rate at equal length (as in AlpacaEval 2): a logistic "
+    "regression of each outcome on the two completions' length difference, read at a difference of zero."
 )
 
 
@@ -72,6 +99,25 @@ def value(number, fmt: str) -> str:
     return "–" if number is None else format(number, fmt)
 
 
+def shown_columns(rows: list[dict]) -> dict[str, tuple[str, str]]:
+    """COLUMNS, less the win rates when no run has one (a bench evaluated before them, or without a judge)."""
+    has_win_rates = any(r.get(m) is not None for r in rows for m in WIN_RATES)
+    return {m: c for m, c in COLUMNS.items() if has_win_rates or m not in WIN_RATES}
+
+
+def explanation(columns: dict) -> str:
+    return EXPLANATION + (" " + WIN_RATE_EXPLANATION if "win_rate" in columns else "")
+
+
+def sort_line(records: list[dict]) -> str:
+    """How the entries are ranked: by mean reward, or by mean win rate where no entry has a reward."""
+    by_reward = any(r["reward"].mean is not None for r in records)
+    by_win_rate = not by_reward and any(r["win_rate"].mean is not None for r in records)
+    key = "mean win rate against the initial model" if by_win_rate else "mean reward"
+    return (f"Entries sorted by {key}; each cell is the mean over seeds, ± the standard deviation for 3 or more "
+            "seeds, [min, max] for 2.")
+
+
 def initial_result(bench: Bench) -> dict | None:
     """The untrained initial model's evaluation, when it was made."""
     return read_json(bench.initial_dir / EVAL_FILE)
@@ -86,6 +132,9 @@ def _setup_lines(bench: Bench, rows: list[dict], initial: dict | None) -> list[s
              f"{e.samples_per_prompt} sample{'s' * (e.samples_per_prompt > 1)} each" if e.samples_per_prompt
              else "the task's samples per prompt",
              f"up to {e.max_new_tokens} new tokens" if e.max_new_tokens else "the task's length limit"]
+    judge = judge_name(rows, initial)
+    if judge:
+        asked.append(f"scored by the judge {judge}")
     scored = _digests(rows, initial, "scored_data_sha256")
     if None in scored:  # results evaluated before the scored file was recorded: the held-out pairs stand in
         scored = _digests(rows, initial, "eval_data_sha256")
@@ -100,6 +149,8 @@ def _setup_lines(bench: Bench, rows: list[dict], initial: dict | None) -> list[s
         if len(pairs) > 1:  # the same prompts, labelled otherwise (another labeller, or per seed)
             same += ("; the held-out pairs' labels differ between runs, so accuracies compare only between runs "
                      "with the same labels")
+    elif judge:
+        same = "the held-out data's digest was not recorded"
     else:
         same = "no task evaluation (the recipe has no data.task)"
     return [
@@ -115,23 +166,25 @@ def _digests(rows: list[dict], initial: dict | None, key: str) -> set:
     return {r.get(key) for r in rows} | ({initial.get(key)} if initial else set())
 
 
-def _table(records: list[dict], initial: dict | None) -> tuple[list[str], list[list[str]]]:
-    header = ["#", "entry", "seeds", *[COLUMNS[m][0] for m in COLUMNS], "overrides"]
+def _table(records: list[dict], initial: dict | None, columns: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["#", "entry", "seeds", *[header for header, _ in columns.values()], "overrides"]
     body = []
     for rank, record in enumerate(records, start=1):
         body.append([str(rank), record["entry"], str(len(record["seeds"])),
-                     *[cell(record[m], fmt) for m, (_, fmt) in COLUMNS.items()],
+                     *[cell(record[m], fmt) for m, (_, fmt) in columns.items()],
                      " ".join(record["overrides"])])
     if initial is not None:
-        body.append(["", "initial model (untrained)", "", value(initial.get("reward"), ".3f"),
-                     value(initial.get("kl"), ".2f"), value(initial.get("length"), ".1f"),
-                     *["–"] * (len(COLUMNS) - 3), ""])
+        # the baseline of the win rates: its completions tie with themselves
+        known = {"reward": initial.get("reward"), "kl": initial.get("kl"), "length": initial.get("length"),
+                 "win_rate": EVEN, "lc_win_rate": EVEN}
+        body.append(["", "initial model (untrained)", "",
+                     *[value(known.get(m), fmt) for m, (_, fmt) in columns.items()], ""])
     return header, body
 
 
-def _run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["entry", "seed", *[COLUMNS[m][0] for m in COLUMNS], "run"]
-    body = [[r["entry"], str(r["seed"]), *[value(r.get(m), fmt) for m, (_, fmt) in COLUMNS.items()], r["run_dir"]]
+def _run_table(rows: list[dict], columns: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["entry", "seed", *[header for header, _ in columns.values()], "run"]
+    body = [[r["entry"], str(r["seed"]), *[value(r.get(m), fmt) for m, (_, fmt) in columns.items()], r["run_dir"]]
             for r in rows]
     return header, body
 
@@ -163,15 +216,25 @@ def _html_cell(text: str, kind: str) -> str:
     return f"{mean} <span class='spread'>{spread}</span>" if spread.startswith(("±", "[")) else escaped
 
 
-def write_markdown(path: Path, bench: Bench, rows, records, initial, figures: dict[str, Path]) -> Path:
+def examples_intro(examples: list[Example]) -> str:
+    return (f"The first {len(examples)} held-out prompts, each with its first sample: the initial model's completion "
+            "and each entry's (from its first seed), its score, and the outcome against the initial model's "
+            "completion of the same prompt and seed (win, tie or loss). A completion marked \"cut\" stopped at the "
+            "token limit.")
+
+
+def write_markdown(path: Path, bench: Bench, rows, records, initial, figures: dict[str, Path],
+                   examples: list[Example] | None = None) -> Path:
+    columns = shown_columns(rows)
     parts = [f"# Bench `{bench.path}`", "", *_setup_lines(bench, rows, initial), "",
-             "Entries sorted by mean reward; each cell is the mean over seeds, ± the standard deviation for 3 or "
-             "more seeds, [min, max] for 2. " + EXPLANATION, "",
-             _markdown_table(*_table(records, initial)), "", "## Figures", ""]
+             f"{sort_line(records)} {explanation(columns)}", "",
+             _markdown_table(*_table(records, initial, columns)), "", "## Figures", ""]
     for name, figure in figures.items():
         heading, reading = FIGURES[name]
         parts += [f"### {heading}", "", reading, "", f"![{heading}]({figure.name})", ""]
-    parts += ["## Runs", "", _markdown_table(*_run_table(rows)), ""]
+    if examples:
+        parts += examples_markdown(examples, examples_intro(examples), MARKDOWN_CUT, _markdown_table)
+    parts += ["## Runs", "", _markdown_table(*_run_table(rows, columns)), ""]
     atomic_write_text(path, "\n".join(parts))
     return path
 
@@ -197,15 +260,16 @@ h3 { margin: 1.6em 0 0.2em; }
 """
 
 
-def write_html(path: Path, bench: Bench, rows, records, initial, figures: dict[str, Path]) -> Path:
+def write_html(path: Path, bench: Bench, rows, records, initial, figures: dict[str, Path],
+               examples: list[Example] | None = None) -> Path:
+    columns = shown_columns(rows)
     parts = [
         "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
-        f"<title>Bench {html.escape(str(bench.path))}</title><style>{HTML_STYLE}</style></head><body>",
+        f"<title>Bench {html.escape(str(bench.path))}</title><style>{HTML_STYLE}{EXAMPLES_STYLE}</style></head><body>",
         f"<h1>Bench <code>{html.escape(str(bench.path))}</code></h1>",
         *(f"<p>{html.escape(line).replace('`', '')}</p>" for line in _setup_lines(bench, rows, initial)),
-        "<p>Entries sorted by mean reward; each cell is the mean over seeds, ± the standard deviation for 3 or "
-        f"more seeds, [min, max] for 2. {html.escape(EXPLANATION)}</p>",
-        _html_table(*_table(records, initial)),
+        f"<p>{html.escape(sort_line(records))} {html.escape(explanation(columns))}</p>",
+        _html_table(*_table(records, initial, columns)),
         "<h2>Figures</h2>",
     ]
     for name, figure in figures.items():
@@ -214,7 +278,9 @@ def write_html(path: Path, bench: Bench, rows, records, initial, figures: dict[s
         heading, reading = (html.escape(text) for text in FIGURES[name])
         parts += [f"<figure id='{name}'><h3>{heading}</h3><figcaption>{reading}</figcaption>",
                   f"<img alt='{heading}' src='data:image/png;base64,{data}'></figure>"]
-    parts += ["<h2>Runs</h2>", _html_table(*_run_table(rows)), "</body></html>"]
+    if examples:
+        parts.append(examples_html(examples, examples_intro(examples)))
+    parts += ["<h2>Runs</h2>", _html_table(*_run_table(rows, columns)), "</body></html>"]
     atomic_write_text(path, "\n".join(parts))
     return path
 
@@ -263,9 +329,10 @@ def write_report(bench: Bench, rows: list[dict]) -> dict[str, Path]:
     records = aggregate(rows, bench.entry_names)
     keys = tuple(bench.spec.plots.curves)
     figures = write_plots(bench.dir, rows, records, initial, seed_bands(rows, keys), keys) if rows else {}
+    examples = collect_examples(bench.initial_dir, rows, records, EXAMPLE_PROMPTS)
     return {
-        "markdown": write_markdown(bench.dir / "leaderboard.md", bench, rows, records, initial, figures),
-        "html": write_html(bench.dir / "leaderboard.html", bench, rows, records, initial, figures),
+        "markdown": write_markdown(bench.dir / "leaderboard.md", bench, rows, records, initial, figures, examples),
+        "html": write_html(bench.dir / "leaderboard.html", bench, rows, records, initial, figures, examples),
         "json": write_json_summary(bench.dir / "leaderboard.json", bench, records, initial),
         **figures,
     }

@@ -2,7 +2,8 @@
 
 A row reads the engine's own files (``summary.json`` for the final held-out accuracy, ``metrics.jsonl``
 for throughput and the final loss) and the bench's (``bench-train.json``: wall time and peak memory of
-the training process; ``bench-eval.json``: the task evaluator's result).
+the training process; ``bench-eval.json``: the judged evaluation's result: reward, KL, length and the win
+rates against the initial model).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from pathlib import Path
 from prefopt.bench.files import EVAL_FILE, RESULTS_FILE, TRAIN_FILE, read_json
 
 # What the leaderboard aggregates over seeds, in its column order.
-METRICS = ("reward", "kl", "length", "accuracy", "tokens_per_s", "pairs_per_s", "peak_rss_mib", "wall_s",
-           "final_loss")
+METRICS = ("reward", "kl", "length", "win_rate", "lc_win_rate", "accuracy", "tokens_per_s", "pairs_per_s",
+           "peak_rss_mib", "wall_s", "final_loss")
+# Added after the first results.jsonl files were written: a row without them has none (None).
+LATER_METRICS = ("win_rate", "lc_win_rate")
 ACCURACY_KEY = "eval/rewards/accuracies"
 
 
@@ -65,6 +68,8 @@ def run_row(entry: str, seed: int, overrides: list[str], run_dir: Path) -> dict 
         "reward": evaluated["reward"],
         "kl": evaluated["kl"],
         "length": evaluated["length"],
+        "win_rate": evaluated.get("win_rate"),
+        "lc_win_rate": evaluated.get("lc_win_rate"),
         "accuracy": summary.get("eval_end", {}).get(ACCURACY_KEY),
         "tokens_per_s": median_of("tokens_per_s"),
         "pairs_per_s": median_of("pairs_per_s"),
@@ -99,10 +104,10 @@ def read_results(bench_dir: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PrefoptError(f"{path} line {number}: not JSON ({exc.msg}); rerun the bench to rewrite it") from None
-        missing = [k for k in ("entry", "seed", *METRICS) if k not in row]
+        missing = [k for k in ("entry", "seed", *METRICS) if k not in row and k not in LATER_METRICS]
         if missing:
             raise PrefoptError(f"{path} line {number}: missing {', '.join(missing)}; rerun the bench to rewrite it")
-        rows.append(row)
+        rows.append({**{key: None for key in LATER_METRICS}, **row})
     return rows
 
 
@@ -134,7 +139,8 @@ class Spread:
 
 def aggregate(rows: list[dict], entry_order: list[str]) -> list[dict]:
     """One record per entry with a Spread per metric, best mean reward first (entries with no reward last,
-    then in the recipe's order)."""
+    then in the recipe's order); where no entry has a reward (a pairwise judge gives none), best mean win rate
+    first."""
     by_entry: dict[str, list[dict]] = {}
     for row in rows:
         by_entry.setdefault(row["entry"], []).append(row)
@@ -149,9 +155,11 @@ def aggregate(rows: list[dict], entry_order: list[str]) -> list[dict]:
             **{metric: Spread.of([r.get(metric) for r in entry_rows]) for metric in METRICS},
         })
 
+    by = "reward" if any(record["reward"].mean is not None for record in records) else "win_rate"
+
     def rank(record: dict):
-        reward = record["reward"].mean
-        return (reward is None, -(reward or 0.0), order.get(record["entry"], len(order)))
+        mean = record[by].mean
+        return (mean is None, -(mean or 0.0), order.get(record["entry"], len(order)))
 
     return sorted(records, key=rank)
 

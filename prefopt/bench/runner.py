@@ -2,12 +2,17 @@
 
 For each entry, each seed's derived recipe is written to ``<run dir>/bench-recipe.yaml`` and trained by
 ``python -m prefopt.cli train`` in a fresh process, so the peak memory measured is that run's alone.
-Then one evaluation process scores all of the entry's new runs (``prefopt.bench.evaluate``). What an
-earlier invocation finished (``summary.json``, ``bench-train.json`` and a current ``bench-eval.json``)
-is skipped, and an interrupted training resumes from its newest checkpoint, so rerunning the same
-command after a crash continues where it stopped. Before the first entry, the untrained initial model
-is evaluated on the same held-out prompts: the origin of the reward-vs-KL frontier, and a check of the
-evaluation settings before hours of training.
+Then one evaluation process judges all of the entry's new runs (``prefopt.bench.evaluate``): it samples
+completions of the held-out prompts (the task's, or the held-out rows' of ``data.eval_split``), scores them
+with the bench's judge (``eval.judge``) or the task's reward, measures their KL to the reference, and
+compares each with the initial model's completion of the same prompt and sample (win rates). What an
+earlier invocation finished (``summary.json``, ``bench-train.json`` and a current ``bench-eval.json``: the
+same recipe, the same judge and sampling settings) is skipped, and an interrupted training resumes from its
+newest checkpoint, so rerunning the same command after a crash continues where it stopped. Before the first
+entry, the untrained initial model is evaluated on the same held-out prompts with the same seeds: the origin
+of the reward-vs-KL frontier, the baseline of the win rates, and a check of the evaluation settings before
+hours of training. A bench with neither a task nor a judge evaluates nothing: its rows hold training
+metrics only, and it says so once.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from prefopt.errors import PrefoptError, did_you_mean
 from prefopt.paths import CACHE_ENV, cache_root
 from prefopt.recipe import dump_recipe
 from prefopt.recipe.flatten import flatten
-from prefopt.bench.evaluate import options_record, recipe_digest
-from prefopt.bench.files import EVAL_FILE, EVAL_LOG, RECIPE_FILE, RESULTS_FILE, TRAIN_FILE, TRAIN_LOG, read_json, write_json
+from prefopt.bench.evaluate import options_record, recipe_digest, shown
+from prefopt.bench.files import (
+    COMPLETIONS_FILE, EVAL_FILE, EVAL_LOG, RECIPE_FILE, RESULTS_FILE, TRAIN_FILE, TRAIN_LOG, read_json, write_json,
+)
 from prefopt.bench.processes import failure_reason, last_error_line, python_module, run_child
 from prefopt.bench.recipe import Bench, Run
 from prefopt.bench.report import write_report
@@ -50,6 +57,10 @@ def run_bench(bench: Bench, *, only: list[str] | None = None, show_progress: boo
     say(f"reference log-probs and task data are cached by content in {cache_root()} (${CACHE_ENV}): entries "
         "with the same reference, data and truncation share one reference cache, built by the first run")
     _warn_if_eval_follows_seed(bench, say)
+    if not bench.judged:
+        say("no data.task and no eval.judge: nothing samples or judges completions, so the rows hold training "
+            "metrics only (no reward, KL, length or win rate); set eval.judge and data.eval_split to judge held-out "
+            "completions")
     evaluate_initial(bench, say)
 
     failures: list[str] = []
@@ -109,9 +120,14 @@ def run_status(bench: Bench, run: Run) -> str:
 
 
 def _evaluation_current(bench: Bench, directory: Path, recipe_text: str) -> bool:
+    """Whether ``bench-eval.json`` there evaluated this recipe with the bench's judge and sampling settings."""
     evaluated = read_json(directory / EVAL_FILE)
     return (evaluated is not None and evaluated.get("recipe_sha256") == recipe_digest(recipe_text)
-            and evaluated.get("options") == options_record(bench.spec.eval.options()))
+            and evaluated.get("options") == _options(bench))
+
+
+def _options(bench: Bench) -> dict:
+    return options_record(bench.spec.eval, bench.spec.seeds[0])
 
 
 def check_run_dirs(runs: list[Run]) -> None:
@@ -198,21 +214,21 @@ def train(run: Run, say) -> str | None:
 
 def evaluate_runs(bench: Bench, entry: str, runs: list[Run], say) -> list[str]:
     """Evaluate ``runs`` (one entry's) in one child process; returns failure lines."""
-    with_task = [run for run in runs if run.recipe.data.task is not None]
     for run in runs:
         text = dump_recipe(run.recipe)
         (run.dir / RECIPE_FILE).write_text(text)
-        if run.recipe.data.task is None:  # nothing to sample from: the row holds training metrics only
+        if not bench.judged:  # nothing samples or judges: the row holds training metrics only
             write_json(run.dir / EVAL_FILE, {
-                "recipe_sha256": recipe_digest(text), "options": options_record(bench.spec.eval.options()),
-                "task": None, "metrics": {}, "reward": None, "kl": None, "length": None, "eval_s": 0.0,
+                "recipe_sha256": recipe_digest(text), "options": _options(bench), "task": None, "judge": None,
+                "metrics": {}, "reward": None, "kl": None, "length": None, "win_rate": None, "lc_win_rate": None,
+                "eval_s": 0.0,
             })
     log = bench.dir / "runs" / entry / EVAL_LOG
     reason = None
-    if with_task:
-        options = json.dumps(options_record(bench.spec.eval.options()))
-        result = run_child(python_module("prefopt.bench.evaluate", "--options", options,
-                                         *[str(run.dir / RECIPE_FILE) for run in with_task]), log)
+    if bench.judged:
+        result = run_child(python_module("prefopt.bench.evaluate", "--options", json.dumps(_options(bench)),
+                                         "--baseline", str(bench.initial_dir / COMPLETIONS_FILE),
+                                         *[str(run.dir / RECIPE_FILE) for run in runs]), log)
         if not result.ok:
             reason = failure_reason(result, log)
     failures = []
@@ -228,8 +244,9 @@ def evaluate_runs(bench: Bench, entry: str, runs: list[Run], say) -> list[str]:
 
 
 def evaluate_initial(bench: Bench, say) -> None:
-    """Evaluate the untrained initial model once (again when the recipe or evaluation settings change)."""
-    if bench.initial is None or bench.initial.data.task is None:
+    """Evaluate the untrained initial model once (again when the recipe or evaluation settings change): the
+    baseline whose completions every entry's are compared with."""
+    if not bench.judged:
         return
     directory = bench.initial_dir
     text = dump_recipe(bench.initial)
@@ -240,8 +257,7 @@ def evaluate_initial(bench: Bench, say) -> None:
     (directory / RECIPE_FILE).write_text(text)
     log = directory / EVAL_LOG
     say(f"initial model: evaluating (the task data is built first if it is not cached yet); log {log}")
-    options = json.dumps(options_record(bench.spec.eval.options()))
-    result = run_child(python_module("prefopt.bench.evaluate", "--initial", "--options", options,
+    result = run_child(python_module("prefopt.bench.evaluate", "--initial", "--options", json.dumps(_options(bench)),
                                      str(directory / RECIPE_FILE)), log)
     if not result.ok or not _evaluation_current(bench, directory, text):
         raise PrefoptError(f"evaluating the initial model failed ({failure_reason(result, log)}); log {log}")
@@ -249,6 +265,4 @@ def evaluate_initial(bench: Bench, say) -> None:
 
 
 def _shown(evaluated: dict) -> str:
-    parts = [f"{name} {evaluated[key]:.4g}" for key, name in (("reward", "reward"), ("kl", "KL"), ("length", "length"))
-             if evaluated.get(key) is not None]
-    return ", ".join(parts) or "no task metrics"
+    return shown(evaluated) or "no task metrics"

@@ -3,9 +3,10 @@
 The held-out split (``data.eval_split``, or a task's held-out file) logs ``eval/<metric>``; each named eval set
 (``eval.sets``) logs ``eval/<name>/<metric>``, scored with its own reference exactly as the held-out split is.
 Beside the training metrics, an evaluation logs the policy's ``logits/chosen``, ``logits/rejected`` and
-``entropy`` (TRL's names; ``prefopt.engine.metrics``). Training does not: they take two more passes over each
-chunk of logits, which made a training step 5-47% slower on the tests' tiny models and about 24% on SmolLM2-135M
-(CPU), while evaluation has no backward and runs only every ``train.eval_every`` steps.
+``entropy`` (TRL's names; ``prefopt.engine.metrics``); a reward model has no next-token distribution, so not it.
+Training does not: they take two more passes over each chunk of logits, which made a training step 5-47% slower
+on the tests' tiny models and about 24% on SmolLM2-135M (CPU), while evaluation has no backward and runs only
+every ``train.eval_every`` steps.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def evaluate_pairs(run: Run) -> dict[str, float]:
 def score_split(run: Run, pairs: TokenizedPairs, reference) -> dict[str, float]:
     """The metrics of ``pairs`` under the policy and ``reference``, reduced over every process's shard."""
     acc = run.accelerator
-    metrics = PairMetrics()
+    metrics = PairMetrics(scores=run.loss.scores_sequences)
     size = run.recipe.eval.batch_size
     indices = list(range(acc.process_index, len(pairs), acc.num_processes))
     sharded = sharded_params(acc)
@@ -65,7 +66,8 @@ def score_split(run: Run, pairs: TokenizedPairs, reference) -> dict[str, float]:
             policy, logps, output = score_pairs(run, batch, reference, model, token_stats=True)
         if chunk:
             metrics.add(logps, output)
-            metrics.add_token_stats(policy, batch.labels)
+            if policy.entropy_sums is not None:  # a reward model has no next-token distribution to describe
+                metrics.add_token_stats(policy, batch.labels)
     return metrics.reduced(acc)
 
 

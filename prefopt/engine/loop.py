@@ -87,7 +87,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         group["lr"] = lr
 
     loss_state = loss_state_before(run)
-    metrics, tokens, started = PairMetrics(), 0, time.perf_counter()
+    metrics, tokens, started = PairMetrics(scores=run.loss.scores_sequences), 0, time.perf_counter()
     for i, indices in enumerate(micro_batches):
         batch = collate_pairs([run.train_pairs.pairs[j] for j in indices], indices, run.tokenizer.pad_token_id)
         batch = batch.to(acc.device)

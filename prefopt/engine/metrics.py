@@ -18,6 +18,11 @@ every response token of both. Means over tokens, not over pairs: a long response
 examples ``logits/chosen`` averages the desirable examples' completions, ``logits/rejected`` the undesirable
 ones', and ``entropy`` every example's own completion (not the KL samples).
 
+A reward model (a loss that declares ``scores_sequences``; ``PairMetrics(scores=True)``) logs no ``logps/*``: its
+``policy_chosen`` / ``policy_rejected`` are the scores, which its loss returns as its rewards, so ``rewards/*``
+already holds them (``rewards/accuracies`` is the reward model's pairwise accuracy, ``rewards/margins`` its mean
+score margin) and ``logps/*`` would repeat them under a name that says log-probs.
+
 Ties: ``rewards/accuracies`` counts a pair the policy ranks first as 1, second as 0 (TRL's count), and one
 whose log-ratio margin is float rounding away from zero as 0.5, so step 0 (policy = reference) gives exactly
 0.5 whatever the reduction order of the two forwards (``TIE_RTOL``).
@@ -39,9 +44,10 @@ UNPAIRED_DIFFERENCES = {"rewards/margins": ("rewards/chosen", "rewards/rejected"
 
 class PairMetrics:
     """Running sums of per-pair (or per-example) quantities and how many values each holds;
-    ``reduced()`` gives the logged means."""
+    ``reduced()`` gives the logged means. ``scores``: the model is a reward model, so no ``logps/*``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, scores: bool = False) -> None:
+        self.scores = scores
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, float] = defaultdict(float)
         self.differences: dict[str, tuple[str, str]] = {}
@@ -52,6 +58,8 @@ class PairMetrics:
     @torch.no_grad()
     def add(self, logps: PairLogps, output: LossOutput) -> None:
         values = _paired(logps, output) if logps.labels is None else self._unpaired(logps, output)
+        if self.scores:
+            values = {key: value for key, value in values.items() if not key.startswith("logps/")}
         per_pair = output.chosen_rewards
         for key, value in output.metrics.items():
             value = value.detach().float()

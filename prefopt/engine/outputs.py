@@ -119,7 +119,10 @@ def push_model(run: Run, model_dir: Path) -> PrefoptError | None:
 
 def save_model(run: Run) -> Path:
     """The model in Hugging Face format, written by the main process (every process calls this: under FSDP and
-    DeepSpeed gathering the weights is a collective call). It replaces a ``model/`` only if prefopt wrote it."""
+    DeepSpeed gathering the weights is a collective call). It replaces a ``model/`` only if prefopt wrote it. A
+    reward model is saved as the sequence classifier it is (its config keeps the one output and the pad id it
+    scores by), with a LoRA adapter and the trained score head merged in as for a causal LM, so the folder loads
+    with ``AutoModelForSequenceClassification`` and the ``reward_model`` judge."""
     acc = run.accelerator
     target = run.run_dir / "model"
     check_model_dir(target)
@@ -150,7 +153,7 @@ def write_model_card(run: Run, folder: Path, target: Path, adapter: bool) -> Non
     push = run.recipe.output.push_to_hub
     model_id = push.repo_id if push is not None else str(target.resolve())
     write_card(folder, gather_facts(run.recipe, type(run.loss), run.summary, run.run_dir, adapter=adapter,
-                                    model_id=model_id))
+                                    model_id=model_id, reward_model=run.loss.scores_sequences))
 
 
 def check_model_dir(target: Path) -> None:

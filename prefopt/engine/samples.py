@@ -24,8 +24,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from prefopt.api.algorithm import plugin_config
-from prefopt.api.judge import JudgeContext, ScoreJudge
+from prefopt.api.judge import JudgeContext
 from prefopt.api.sampler import Sample, SamplerContext, derive_seed
 from prefopt.api.task import Text
 from prefopt.engine.distributed import sharded_params
@@ -116,33 +115,17 @@ class Completions:
 
 def build_completions(recipe, plugins, accelerator) -> Completions | None:
     """What ``eval.samples`` asks for, its plugins' options checked (one line naming the recipe key), or None."""
-    spec = recipe.eval.samples
-    if spec is None:
+    from prefopt.recipe.samples import samples_plugins
+
+    parts = samples_plugins(recipe, plugins)  # validation checked this already; a recipe built in code may skip it
+    if parts is None:
         return None
-    if recipe.data.task is None and not recipe.data.eval_split:
-        raise PrefoptError("eval.samples samples held-out prompts, and this run has none: set data.eval_split (or "
-                           "train on a task), or remove eval.samples")
     if sharded_params(accelerator):
         raise PrefoptError("eval.samples: sampling needs the whole model in one process, and under FSDP or DeepSpeed "
                            "ZeRO-3 each process holds a shard; train with DDP or on one process, or remove "
                            "eval.samples")
-    _registered(plugins.samplers, spec.sampler.name, "eval.samples.sampler")
-    sampler = plugin_config(plugins.samplers, spec.sampler, "eval.samples.sampler")
-    if spec.judge is not None and not issubclass(_registered(plugins.judges, spec.judge.name, "eval.samples.judge"),
-                                                 ScoreJudge):
-        scoring = [info.name for info in plugins.judges.infos() if issubclass(info.cls, ScoreJudge)]
-        raise PrefoptError(f"eval.samples.judge: judge {spec.judge.name!r} compares completions in pairs and gives no "
-                           f"score of one completion; name a judge that scores each "
-                           f"({', '.join(scoring) or 'none is installed'})")
-    judge = plugin_config(plugins.judges, spec.judge, "eval.samples.judge") if spec.judge is not None else None
-    return Completions(spec, sampler, judge)
-
-
-def _registered(registry, name: str, key: str) -> type:
-    try:
-        return registry.get(name)
-    except PrefoptError as exc:  # the registry's message (did you mean), with the recipe key in front
-        raise PrefoptError(f"{key}.name: {exc}") from None
+    sampler, judge = parts
+    return Completions(recipe.eval.samples, sampler, judge)
 
 
 def log_completions(run: Run, step: int, *, final: bool = False) -> None:

@@ -37,11 +37,12 @@ from prefopt.engine.samples import build_completions
 from prefopt.engine.trackers import build_trackers, start_trackers, tracker_notices
 from prefopt.errors import PrefoptError
 from prefopt.locks import claim_run_dir
-from prefopt.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from prefopt.models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer, resolve_model_path
 from prefopt.models.peft import add_adapter
 from prefopt.paths import cache_dir
 from prefopt.publish.hub import token_from_env
 from prefopt.recipe import build_loss, dump_recipe
+from prefopt.recipe.schema import check_loss_needs
 from prefopt.reference.setup import (
     References, assemble, build_extra_caches, build_primary, check_reference_recipe,
 )
@@ -68,7 +69,7 @@ def setup(recipe, plugins: Plugins | None = None, *, phase: Phase | None = None,
     claim_run_dir(Path(recipe.output.dir), say, main_process=accelerator.is_main_process)  # one writer at a time
     checkpoint = prepare_run_dir(recipe, plugins, accelerator, resume_from, say)
     loss = build_checked_loss(recipe, plugins, accelerator)
-    models = ModelLoader(recipe, accelerator)
+    models = ModelLoader(recipe, accelerator, scorer=loss.scores_sequences)
     data = build_data(recipe, plugins, phase, models, loss, accelerator, say, show_progress)
     extra_references = build_extra_references(recipe, models.tokenizer, data, accelerator, say, show_progress)
     policy = build_policy(recipe, models, accelerator)
@@ -147,8 +148,11 @@ def prepare_run_dir(recipe, plugins: Plugins, accelerator, resume_from, say) -> 
 
 
 def build_checked_loss(recipe, plugins: Plugins, accelerator):
-    """The recipe's loss plugin, with the reference settings it needs (or refuses) checked."""
+    """The recipe's loss plugin, with the reference settings it needs (or refuses) checked, and what a reward
+    model rules out (checked at validation too; a recipe built in code may not have been)."""
     loss = build_loss(recipe, plugins)
+    check_scorer_declarations(loss)
+    check_loss_needs(recipe, loss)
     if loss.requires_reference:
         check_reference_recipe(recipe, loss, sharded_params(accelerator))
     elif recipe.reference.extra or recipe.reference.sync is not None:
@@ -156,16 +160,33 @@ def build_checked_loss(recipe, plugins: Plugins, accelerator):
     return loss
 
 
+def check_scorer_declarations(loss) -> None:
+    """A reward model (``scores_sequences``) has one score per sequence and no reference: a loss that declares
+    it and also asks for reference or per-token log-probs is a plugin mistake, named here."""
+    if not loss.scores_sequences:
+        return
+    declared = ("requires_reference", "requires_token_logps", "requires_token_log_collision", "unpaired",
+                "multi_reference")
+    asks = [name for name in declared if getattr(loss, name)]
+    if asks:
+        raise PrefoptError(f"loss {loss.name!r} declares scores_sequences (a reward model: one score per sequence, "
+                           f"no reference) and also {', '.join(asks)}, which a reward model cannot give; the loss "
+                           "plugin must declare one or the other")
+
+
 class ModelLoader:
     """The recipe's model: its resolved path and tokenizer now, its initial weights on the first ``get()``.
 
     Loading the weights late lets data errors surface before a slow load, and a task that builds its data
     with the initial model shares the one copy that then trains. The embedded default model is converted
-    into the cache on first use, by the main process first.
+    into the cache on first use, by the main process first. ``scorer``: the loss trains a reward model, so the
+    weights load as a sequence scorer with one output (a fresh score head on a causal LM), padded as the
+    tokenizer pads.
     """
 
-    def __init__(self, recipe, accelerator) -> None:
+    def __init__(self, recipe, accelerator, *, scorer: bool = False) -> None:
         self.config = recipe.model
+        self.scorer = scorer
         self.device = accelerator.device  # quantized weights load straight onto it
         with accelerator.main_process_first():
             self.path = resolve_model_path(self.config.path)
@@ -175,8 +196,15 @@ class ModelLoader:
 
     def get(self) -> torch.nn.Module:
         """The initial weights, loaded once; every call returns the same module."""
-        if self._model is None:
-            m = self.config
+        if self._model is not None:
+            return self._model
+        m = self.config
+        if self.scorer:  # the batches are padded with the tokenizer's pad id, so the scorer skips that id
+            self._model = load_sequence_scorer(
+                self.path, pad_token_id=self.tokenizer.pad_token_id, dtype=m.dtype, revision=m.revision,
+                trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
+            )
+        else:
             self._model = load_causal_lm(
                 self.path, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code,
                 attn_implementation=m.attn_implementation, quantization=m.quantization, device=self.device,
@@ -278,7 +306,13 @@ class TrainSelection:
 
 def task_data_model(recipe, models: ModelLoader, data_model: str | None) -> tuple[str, Callable[[], Any]]:
     """The model a task builds its data with and how to load it: the policy's initial model (the one copy,
-    shared with training) unless the phase names another, so every phase of an algorithm sees the same data."""
+    shared with training) unless the phase names another, so every phase of an algorithm sees the same data.
+    A reward model cannot generate, so a task samples its data from ``model.path`` loaded as the causal LM it
+    is (the same data a policy trained from that model gets), a copy the task holds only while it builds."""
+    if models.scorer and (data_model is None or resolve_model_path(data_model) == models.path):
+        m = recipe.model
+        return models.path, lambda: load_causal_lm(models.path, dtype=m.dtype, revision=m.revision,
+                                                   trust_remote_code=m.trust_remote_code).eval()
     if data_model is None or resolve_model_path(data_model) == models.path:
         return models.path, lambda: models.get().eval()
     path, m = resolve_model_path(data_model), recipe.model
@@ -310,7 +344,8 @@ def build_policy(recipe, models: ModelLoader, accelerator) -> torch.nn.Module:
     """The policy as it trains: the initial weights, the recipe's adapter if any (model.lora, model.peft or
     model.adapter, over base weights that may be quantized), on the run's device."""
     m = recipe.model
-    policy = add_adapter(models.get().train(), m)
+    # peft's SEQ_CLS adapter also trains a reward model's score head, whole (its modules_to_save)
+    policy = add_adapter(models.get().train(), m, task_type="SEQ_CLS" if models.scorer else "CAUSAL_LM")
     if m.gradient_checkpointing:
         # transformers 5.24 renamed it activation_checkpointing_enable; the old name warns, and goes in v6
         if hasattr(policy, "activation_checkpointing_enable"):

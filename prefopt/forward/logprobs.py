@@ -11,6 +11,9 @@ models whose forward has no ``logits_to_keep`` and models whose weights are shar
 ZeRO-3: outside the forward the head holds only this process's shard) take the plain path: full
 logits, log-softmax in chunks of rows. Both paths give the same numbers (tests/test_logprobs.py).
 
+A reward model's forward (``sequence_scores``, for a loss that declares ``scores_sequences``) returns the same
+shape with one scalar score per sequence in place of the summed log-probs.
+
 Both paths run the batch in any layout of ``prefopt.forward.layouts`` (padded, packed, prefix-shared) and read
 the predictions back in the padded layout's order, so results have the same shape whatever the layout.
 
@@ -38,11 +41,12 @@ _HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 
 @dataclass
 class SequenceLogps:
-    """Per-sequence results for the 2B rows of a batch (chosen rows first)."""
+    """Per-sequence results for the 2B rows of a batch (chosen rows first). For a sequence scorer (a reward
+    model, ``sequence_scores``) ``sums`` are its scores and ``token_logps`` is None."""
 
-    sums: Tensor  # (2B,) summed response log-probs
+    sums: Tensor  # (2B,) summed response log-probs; a scorer's scores
     token_counts: Tensor  # (2B,) float number of response tokens
-    token_logps: Tensor  # (2B, T-1) log-prob of token t+1 at position t; 0 outside the response
+    token_logps: Tensor | None  # (2B, T-1) log-prob of token t+1 at position t; 0 outside the response
     mask: Tensor  # (2B, T-1) bool: response targets
     # (2B, T-1) log sum_v p_v^2 of each next-token distribution (WPO's weights), detached; only on request
     token_log_collision: Tensor | None = None
@@ -58,7 +62,7 @@ class SequenceLogps:
         def pick(rows: slice) -> SequenceLogps:
             cut = lambda t: None if t is None else t[rows]  # noqa: E731
             return SequenceLogps(
-                self.sums[rows], self.token_counts[rows], self.token_logps[rows], self.mask[rows],
+                self.sums[rows], self.token_counts[rows], cut(self.token_logps), self.mask[rows],
                 cut(self.token_log_collision), cut(self.entropy_sums), cut(self.mean_logit_sums),
             )
 
@@ -271,3 +275,23 @@ def _per_sequence(stats: list[list[Tensor]], targets_mask: Tensor, like: Tensor)
     per_token[targets_mask] = flat
     sums = per_token.sum(1)
     return sums[:, 0], sums[:, 1]
+
+
+def sequence_scores(model: nn.Module, batch: PreferenceBatch) -> SequenceLogps:
+    """One scalar score per row of ``batch`` under a sequence scorer (``AutoModelForSequenceClassification``
+    with one output, ``config.pad_token_id`` set to the batch's pad id), in ``sums``; token counts as usual.
+
+    The batch goes through the model's own forward in the padded layout, so the score is read where
+    transformers reads it, and where the ``reward_model`` judge reads it when it scores the saved model: at
+    each row's last token that is not the pad id. Right-padded rows of prompt + response end at their last
+    response token, so that is where it is read, unless the response itself ends in the pad token (an EOS that
+    is also the pad), which the judge skips too.
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    targets_mask = batch.response_mask[:, 1:]
+    return SequenceLogps(
+        sums=logits[:, 0].float(),  # float32 under autocast too, as log-probs are
+        token_counts=targets_mask.sum(-1).float(),
+        token_logps=None,
+        mask=targets_mask,
+    )

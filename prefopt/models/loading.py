@@ -1,4 +1,5 @@
-"""Loading the policy, its tokenizer and a reference model; fingerprints of weights. Adapters (LoRA and
+"""Loading the policy (a causal LM, or a sequence scorer for a reward model), its tokenizer and a reference
+model; fingerprints of weights. Adapters (LoRA and
 every other PEFT type) are ``prefopt.models.peft``; quantized weights ``prefopt.models.quantization``."""
 
 from __future__ import annotations
@@ -80,6 +81,48 @@ def load_causal_lm(
         from prefopt.models.quantization import keep_cpu_layout
 
         keep_cpu_layout(model)
+    return model
+
+
+def load_sequence_scorer(
+    path: str,
+    *,
+    pad_token_id: int | None,
+    dtype: str = "float32",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    key: str = "model.path",
+) -> nn.Module:
+    """``path`` as a reward model: ``AutoModelForSequenceClassification`` with one output (num_labels=1), a fresh
+    score head when the checkpoint is a causal LM. ``config.pad_token_id`` is set to ``pad_token_id`` (the
+    tokenizer's pad token, its EOS when it has none), because a decoder scorer reads each sequence's score at
+    its last token that is not that id; the ``reward_model`` judge sets the same. ``key`` names ``path`` in errors.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = {"dtype": DTYPES[dtype], "revision": revision, "trust_remote_code": trust_remote_code, "num_labels": 1}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    path = _checked_local_path(path, key)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise PrefoptError(
+            f"{key} {path!r}: cannot load it as a sequence scorer ({_first_line(exc)}); give a hub id or a local "
+            "directory with config.json and weights of a causal LM (it gets a fresh score head) or of a reward model"
+        ) from None
+    except (ValueError, RuntimeError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise _remote_code_error(path, key) from None
+        if "mismatch" in str(exc):  # the checkpoint's score head has another number of outputs
+            raise PrefoptError(f"{key} {path!r} has a score head with more than one output, and a reward model "
+                               "here has one: start from its causal LM instead") from None
+        raise
+    model.config.pad_token_id = pad_token_id
+    text_config = model.config.get_text_config()
+    if text_config is not model.config:  # multimodal configs keep the decoder's settings apart
+        text_config.pad_token_id = pad_token_id
     return model
 
 

@@ -174,33 +174,35 @@ def _hint_name(hint: Any) -> str:
     return re.sub(r"<class '(\w+)'>", r"\1", str(hint)).replace("typing.", "").replace("NoneType", "None")
 
 
-def _for_peft(fields: dict[str, Any]) -> dict[str, Any]:
-    return {**{k: v for k, v in fields.items() if k not in SET_FOR_YOU}, "task_type": "CAUSAL_LM"}
+def _for_peft(fields: dict[str, Any], task_type: str = "CAUSAL_LM") -> dict[str, Any]:
+    return {**{k: v for k, v in fields.items() if k not in SET_FOR_YOU}, "task_type": task_type}
 
 
 # --- the policy's adapter ------------------------------------------------------------------------
 
 
-def fresh_config(model_config):
-    """peft's config for a fresh adapter from ``model.lora`` or ``model.peft``; None when neither is set."""
+def fresh_config(model_config, task_type: str = "CAUSAL_LM"):
+    """peft's config for a fresh adapter from ``model.lora`` or ``model.peft``; None when neither is set.
+    ``task_type`` is ``SEQ_CLS`` for a reward model: peft then also trains its score head (``modules_to_save``)."""
     if model_config.lora is not None:
         from peft import LoraConfig
 
         lora = model_config.lora
         return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=lora.target_modules, task_type="CAUSAL_LM")
+                          target_modules=lora.target_modules, task_type=task_type)
     if model_config.peft is not None:
         _, config_cls, _ = _config_class(model_config.peft["type"])
-        return config_cls(**_for_peft({k: v for k, v in model_config.peft.items() if k != "type"}))
+        return config_cls(**_for_peft({k: v for k, v in model_config.peft.items() if k != "type"}, task_type))
     return None
 
 
-def add_adapter(model: nn.Module, model_config) -> nn.Module:
+def add_adapter(model: nn.Module, model_config, *, task_type: str = "CAUSAL_LM") -> nn.Module:
     """``model`` wrapped with the recipe's adapter (only the adapter trains), or ``model`` itself when the
-    recipe sets none of ``model.lora``, ``model.peft`` and ``model.adapter``."""
+    recipe sets none of ``model.lora``, ``model.peft`` and ``model.adapter``. ``task_type``: peft's, ``SEQ_CLS``
+    for a reward model (a fresh adapter then trains the score head whole beside it)."""
     if model_config.adapter is not None:
         return load_adapter(model, model_config.adapter)
-    config = fresh_config(model_config)
+    config = fresh_config(model_config, task_type)
     if config is None:
         return model
     from peft import get_peft_model

@@ -51,6 +51,7 @@ class CardFacts:
     algorithm_paper: str = ""
     version: str = ""  # prefopt's
     license: str | None = None
+    reward_model: bool = False  # a sequence scorer (its loss declares ``scores_sequences``), not a causal LM
 
 
 def render_card(facts: CardFacts) -> str:
@@ -66,7 +67,7 @@ def render_card(facts: CardFacts) -> str:
         base_model=base if is_hub_id(base) else None,
         datasets=[data] if data and is_hub_id(data) else None,
         license=facts.license,
-        pipeline_tag="text-generation",
+        pipeline_tag="text-classification" if facts.reward_model else "text-generation",
     )
     sections = [_heading(facts), _training(facts), _results(facts), _loading(facts), _recipe(facts)]
     return f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(s for s in sections if s) + "\n"
@@ -96,6 +97,9 @@ def use_repo_id(card_path: Path, repo_id: str) -> bool:
 def _heading(facts: CardFacts) -> str:
     recipe = facts.recipe
     what = "A LoRA adapter" if facts.adapter else "A causal language model"
+    if facts.reward_model:
+        what = ("A LoRA adapter of a reward model" if facts.adapter else
+                "A reward model (a sequence classifier: one score per sequence, read at its last token)")
     by = f" with algorithm `{facts.algorithm}`" if facts.algorithm else ""
     return (f"# {facts.title}\n\n{what} trained from `{recipe['model']['path']}` by preference optimization with "
             f"prefopt {facts.version}: loss `{recipe['loss']['name']}`{by}.")
@@ -215,6 +219,8 @@ def _results(facts: CardFacts) -> str:
 
 
 def _loading(facts: CardFacts) -> str:
+    if facts.reward_model:
+        return _loading_reward_model(facts)
     if facts.adapter:
         code = ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
                 f"model_id = {json.dumps(facts.model_id)}\n"
@@ -229,6 +235,27 @@ def _loading(facts: CardFacts) -> str:
                 "model = AutoModelForCausalLM.from_pretrained(model_id)\n"
                 "tokenizer = AutoTokenizer.from_pretrained(model_id)")
         note = ""
+    return f"## How to load it\n\n```python\n{code}\n```{note}"
+
+
+def _loading_reward_model(facts: CardFacts) -> str:
+    """A reward model scores prompt + response as one sequence, as it was trained and as the reward_model judge
+    scores it."""
+    if facts.adapter:  # peft builds the base model that adapter_config.json names, with one output
+        imports = ("from peft import AutoPeftModelForSequenceClassification\nfrom transformers import AutoTokenizer")
+        load = "AutoPeftModelForSequenceClassification.from_pretrained(model_id, num_labels=1)"
+    else:
+        imports = "from transformers import AutoModelForSequenceClassification, AutoTokenizer"
+        load = "AutoModelForSequenceClassification.from_pretrained(model_id)"
+    code = (f"import torch\n{imports}\n\nmodel_id = {json.dumps(facts.model_id)}\nmodel = {load}\n"
+            "tokenizer = AutoTokenizer.from_pretrained(model_id)\nwith torch.no_grad():\n"
+            "    score = model(**tokenizer(prompt + response, return_tensors=\"pt\")).logits[0, 0].item()")
+    judge = ("prefopt's `reward_model` judge scores it so (from the merged model, `output.merge_lora: true`)"
+             if facts.adapter else "prefopt's `reward_model` judge scores it so")
+    note = ("\n\nThe score is of prompt + response as one sequence (text data: the prompt text followed by the "
+            "response, no EOS added; conversations: rendered with the chat template), read at its last token that is "
+            f"not the pad token. {judge}: `{{name: reward_model, path: <this model>, format: plain}}` for a model "
+            "trained on text, `format: chat` for one trained on conversations.")
     return f"## How to load it\n\n```python\n{code}\n```{note}"
 
 
@@ -253,10 +280,11 @@ def _number(value: Any) -> str:
 
 
 def gather_facts(recipe, loss_cls: type, summary: dict, run_dir: Path, *, adapter: bool, model_id: str,
-                 plugins=None) -> CardFacts:
+                 plugins=None, reward_model: bool | None = None) -> CardFacts:
     """A card's facts from a validated ``recipe``, its loss plugin class, the run's ``summary`` and what the
     run directory holds (``metrics.jsonl``). ``plugins`` (default: the installed ones) give the algorithm's
-    paper; the algorithm is the recipe's, or the one an algorithm's run names in its summary."""
+    paper; the algorithm is the recipe's, or the one an algorithm's run names in its summary. ``reward_model``:
+    the model is a sequence scorer; None: as the loss class declares (``scores_sequences``)."""
     from prefopt import __version__
     from prefopt.recipe import dump_recipe
 
@@ -270,6 +298,7 @@ def gather_facts(recipe, loss_cls: type, summary: dict, run_dir: Path, *, adapte
         model_id=model_id, summary=summary, training=last_training_metrics(Path(run_dir) / "metrics.jsonl"),
         algorithm=algorithm, algorithm_paper=_algorithm_paper(algorithm, plugins), version=__version__,
         license=base_license(recipe.model.path, recipe.model.revision),
+        reward_model=getattr(loss_cls, "scores_sequences", False) if reward_model is None else reward_model,
     )
 
 

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ValidationError
 from prefopt.errors import PrefoptError, RecipeError
 from prefopt.recipe.finite import nonfinite_problems
 from prefopt.recipe.problems import recipe_problems
-from prefopt.recipe.schema import check_eval_needs, recipe_model
+from prefopt.recipe.samples import samples_plugins
+from prefopt.recipe.schema import check_eval_needs, check_loss_needs, recipe_model
 from prefopt.recipe.unique_keys import DuplicateKeyError, safe_load_unique
 from prefopt.registry.loading import Plugins
 
@@ -108,8 +109,10 @@ def validate_tree(tree: dict, plugins: Plugins, source: str) -> BaseModel:
     if nonfinite:
         raise RecipeError(source, nonfinite)
     try:
-        build_loss(recipe, plugins)  # a loss may check more than its schema can (a mixture's components)
+        # a loss may check more than its schema can (a mixture's components), and rule out other settings
+        check_loss_needs(recipe, build_loss(recipe, plugins))
         check_eval_needs(recipe)  # eval.early_stopping needs train.eval_every and held-out pairs
+        samples_plugins(recipe, plugins)  # eval.samples: its sampler and judge exist and take their options
         if recipe.algorithm is not None:
             algorithm = build_algorithm(recipe, plugins)
             # ``plugins`` came with 0.3 (an algorithm that builds samplers and judges validates their options)

@@ -368,6 +368,52 @@ def check_eval_needs(recipe) -> None:
                            "eval set (eval.sets)")
 
 
+def check_loss_needs(recipe, loss) -> None:
+    """What the recipe's loss (a built ``PreferenceLoss``) rules out in the other sections, every problem at once.
+
+    A loss that declares ``scores_sequences`` trains a reward model: a scorer with one output per sequence, which
+    cannot generate, has no reference and is read at each sequence's last token, as the ``reward_model`` judge
+    reads it.
+    """
+    if not getattr(loss, "scores_sequences", False):
+        return
+    problems = _reward_model_problems(recipe, loss.name)
+    if len(problems) == 1:
+        raise PrefoptError(problems[0])
+    if problems:
+        raise PrefoptError(f"loss {loss.name!r} trains a reward model: {len(problems)} problems"
+                           + "".join(f"\n  {p}" for p in problems))
+
+
+def _reward_model_problems(recipe, loss_name: str) -> list[str]:
+    """One line per setting a reward model (loss ``loss_name``) cannot honour, naming the key and the fix."""
+    what = f"loss {loss_name!r} trains a reward model"
+    problems = []
+    if recipe.train.layout != "padded":
+        problems.append(f"train.layout={recipe.train.layout}: {what}, whose forward reads one score per sequence in "
+                        "the padded layout; set train.layout=padded")
+    if recipe.data.append_eos:
+        problems.append(f"data.append_eos=true: {what}, scored on prompt + response as written (the sequence the "
+                        "reward_model judge scores), and an appended EOS would move the score to a token the judge "
+                        "never sees; set data.append_eos=false")
+    if recipe.eval.samples is not None:
+        problems.append(f"eval.samples: {what}, which cannot sample completions; remove eval.samples")
+    if recipe.data.task is not None and recipe.eval.task_metrics:
+        problems.append(f"eval.task_metrics=true: the task's evaluator samples completions from the model, and {what}, "
+                        "which cannot; set eval.task_metrics=false (held-out pairs still give eval/rewards/accuracies)")
+    if recipe.algorithm is not None:
+        problems.append(f"algorithm: {what}, which no algorithm can sample from or hold to a reference; remove the "
+                        "algorithm section (the engine trains it in one pass)")
+    if recipe.model.adapter is not None:
+        problems.append(f"model.adapter: {what} with a fresh score head, which an existing adapter does not train; "
+                        "merge the adapter into its base model, give that as model.path, and set model.lora or "
+                        "model.peft for a fresh adapter")
+    if recipe.model.quantization is not None:
+        problems.append(f"model.quantization: {what}, and quantized reward models are not supported; remove "
+                        "model.quantization (model.lora keeps the memory small)")
+    return problems
+
+
 class PushToHubConfig(Section):
     """Upload the saved model folder (with its model card) to the Hugging Face Hub when the run ends."""
 

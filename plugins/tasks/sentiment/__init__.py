@@ -31,16 +31,20 @@ The held-out split (its prompts, its pairs and the samples ``evaluate`` scores) 
 unless ``eval_seed`` is set; benchmarks set it, so runs of every seed are scored on the same prompts.
 
 The modules, in the order a build uses them: ``corpus`` (VADER's sdist, the snippets, the prompts),
-``sampling`` (continuations through the sampler contract), ``reward`` (VADER), ``pairs`` (pairing and the
-files written), ``cache_key`` (what identifies a build), ``store`` (a build checked before reuse, rebuilt
-when damaged, one builder at a time) and ``task`` (the plugin: options, build, evaluate). This package is the plugin module the ``sentiment`` entry point names, and
-``prefopt_plugins.tasks.sentiment:completion_reward`` is the reward as a judge function.
+``reward`` (VADER), ``pairs`` (pairing and the files written), ``cache_key`` (what identifies a build),
+``store`` (a build checked before reuse, rebuilt when damaged, one builder at a time) and ``task`` (the
+plugin: options, build, evaluate). Continuations are sampled by the core (``prefopt.sample_completions``,
+which keeps the random stream the task's cached data was sampled with), and ``evaluate`` is the core's judged
+evaluation of the task's prompts and reward (``prefopt.judge_completions``). This package is the plugin
+module the ``sentiment`` entry point names, and ``prefopt_plugins.tasks.sentiment:completion_reward`` is the
+reward as a judge function.
 """
+
+from prefopt import Completion  # the core's; kept here, where it was first published
 
 from prefopt_plugins.tasks.sentiment.corpus import SDIST_NAME, Prompt, Snippet, load_snippets
 from prefopt_plugins.tasks.sentiment.pairs import NEGATIVE_WORDS, small_edit
 from prefopt_plugins.tasks.sentiment.reward import completion_reward, vader_reward
-from prefopt_plugins.tasks.sentiment.sampling import Completion
 from prefopt_plugins.tasks.sentiment.task import SentimentConfig, SentimentTask, prefopt_register_tasks
 
 __all__ = [

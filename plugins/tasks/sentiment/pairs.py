@@ -16,9 +16,10 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
+from prefopt import Completion
+
 from prefopt_plugins.tasks.sentiment.corpus import Prompt
 from prefopt_plugins.tasks.sentiment.reward import analyzer, vader_reward
-from prefopt_plugins.tasks.sentiment.sampling import Completion
 
 # The files of a build; task.json describes it (its MANIFEST.json, written after them all, marks it finished).
 TRAIN_FILE, EVAL_FILE, EVAL_PROMPTS_FILE, TASK_FILE = "train.jsonl", "eval.jsonl", "eval_prompts.jsonl", "task.json"

@@ -1,18 +1,23 @@
-"""The ``sentiment`` task plugin: its options, ``build`` (sample, pair, write, cache) and ``evaluate``."""
+"""The ``sentiment`` task plugin: its options, ``build`` (sample, pair, write, cache) and ``evaluate``.
+
+``evaluate`` is the core's judged evaluation (``prefopt.judge_completions``) of the task's pieces: its held-out
+prompts (``eval_prompts``), its VADER reward (``score``) and its sampling settings (``eval_sampling``)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 from pydantic import Field, model_validator
 
-from prefopt import SamplerConfig, Task, TaskConfig, TaskContext, TaskData, hookimpl
-from prefopt.api.task import KL_METRIC, EvalOptions, completion_logps
+from prefopt import (
+    Completion, JudgedOptions, SamplerConfig, Task, TaskConfig, TaskContext, TaskData, hookimpl, judge_completions,
+    model_sampler, sample_completions,
+)
+from prefopt.api.task import KL_METRIC, EvalOptions
 from prefopt.errors import PrefoptError
 
 from prefopt_plugins.tasks.sentiment import pairs
@@ -20,7 +25,6 @@ from prefopt_plugins.tasks.sentiment.cache_key import data_key
 from prefopt_plugins.tasks.sentiment.corpus import Prompt, select_prompts
 from prefopt_plugins.tasks.sentiment.pairs import EVAL_FILE, EVAL_PROMPTS_FILE, TASK_FILE, TRAIN_FILE
 from prefopt_plugins.tasks.sentiment.reward import vader_reward
-from prefopt_plugins.tasks.sentiment.sampling import Completion, sample_completions, task_sampler
 from prefopt_plugins.tasks.sentiment.store import find_or_build
 
 log = logging.getLogger(__package__)
@@ -121,28 +125,35 @@ class SentimentTask(Task):
     ) -> dict[str, float]:
         """Mean VADER reward and length of the policy's continuations of the held-out prompts; with
         ``reference``, also the KL of those continuations to it (see ``Task.evaluate``)."""
+        options = options or EvalOptions()
+        sampling = self.eval_sampling(data, options)  # first: it checks that the build is this task's
+        prompts = self._eval_prompts(data.eval.parent / EVAL_PROMPTS_FILE, options.num_prompts)
+        judged = judge_completions(model, tokenizer, [p.text for p in prompts], self.score, reference, sampling)
+        metrics = {
+            "reward/vader_mean": judged.mean_score,
+            "reward/vader_std": judged.std_score,
+            "length/mean_tokens": judged.mean_length,
+        }
+        if reference is not None:
+            metrics[KL_METRIC] = judged.kl
+        return metrics
+
+    def eval_sampling(self, data: TaskData, options: EvalOptions) -> JudgedOptions:
+        """The task's sampling settings, seeded by the held-out split's seed; ``options`` may set the samples
+        per prompt and the length limit."""
         out_dir = data.eval.parent
         if not (out_dir / TASK_FILE).is_file():
             raise PrefoptError(
                 f"{out_dir} holds no {TASK_FILE}: evaluate() needs data built by this task's build()"
             )
         manifest = json.loads((out_dir / TASK_FILE).read_text())
-        options = options or EvalOptions()
-        prompts = self._eval_prompts(out_dir / EVAL_PROMPTS_FILE, options.num_prompts)
-        completions = self._sample(
-            model, tokenizer, prompts, options.samples_per_prompt or self.config.eval_samples_per_prompt,
-            seed=self._eval_seed(manifest["seed"]), purpose="evaluate", max_new_tokens=options.max_new_tokens,
+        cfg = self.config
+        return JudgedOptions(
+            per_prompt=options.samples_per_prompt or cfg.eval_samples_per_prompt,
+            seed=self._eval_seed(manifest["seed"]), purpose="evaluate", batch_size=cfg.batch_size,
+            max_new_tokens=options.max_new_tokens or cfg.max_new_tokens,
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
         )  # fmt: skip
-        flat = [c for per_prompt in completions for c in per_prompt]
-        rewards = vader_reward([c.text for c in flat])
-        metrics = {
-            "reward/vader_mean": statistics.fmean(rewards),
-            "reward/vader_std": statistics.pstdev(rewards),
-            "length/mean_tokens": statistics.fmean(c.num_tokens for c in flat),
-        }
-        if reference is not None:
-            metrics[KL_METRIC] = _sequence_kl(model, reference, tokenizer, flat)
-        return metrics
 
     def eval_prompts(self, data: TaskData) -> list[str]:
         """The held-out openings ``evaluate`` continues, in its order."""
@@ -216,28 +227,18 @@ class SentimentTask(Task):
 
     def _sample(
         self, model, tokenizer, prompts: list[Prompt], per_prompt: int, seed: int, purpose: str,
-        show_progress: bool = False, max_new_tokens: int | None = None,
+        show_progress: bool = False,
     ) -> list[list[Completion]]:  # fmt: skip
         """``per_prompt`` continuations of each prompt sampled from ``model`` with the task's settings."""
         cfg = self.config
-        sampler_config = SamplerConfig(max_new_tokens=max_new_tokens or cfg.max_new_tokens,
-                                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)  # fmt: skip
-        sampler = task_sampler(model, tokenizer, sampler_config)
+        sampler_config = SamplerConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                       top_p=cfg.top_p, top_k=cfg.top_k)  # fmt: skip
+        sampler = model_sampler(model, tokenizer, sampler_config)
         try:
             return sample_completions(sampler, tokenizer, prompts, per_prompt, seed, purpose, cfg.batch_size,
-                                      show_progress=show_progress)  # fmt: skip
+                                      show_progress=show_progress, label="sentiment")  # fmt: skip
         finally:
             sampler.close()
-
-
-def _sequence_kl(model, reference, tokenizer, completions: list[Completion]) -> float:
-    """The same sampled tokens scored by both models: an unbiased estimate of KL(policy || reference) when
-    sampling is plain (temperature 1, no top-k or top-p, the defaults)."""
-    sequences = [(c.prompt_ids, c.token_ids) for c in completions]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    policy_logps = completion_logps(model, sequences, pad_id)
-    reference_logps = completion_logps(reference, sequences, pad_id)
-    return statistics.fmean(p - r for p, r in zip(policy_logps, reference_logps))
 
 
 @hookimpl

@@ -1,32 +1,34 @@
-"""Sampling continuations of the prompts, through the sampler contract (``prefopt.api.sampler``).
+"""A model's completions of prompts, through the sampler contract (``prefopt.api.sampler``), reproducibly.
 
-The task samples with ``TaskSampler``, a ``Sampler`` of its own, rather than the built-in ``transformers``
-sampler, because the two draw different random streams from the same seed and the task's cached data (and
-the numbers published from it) were sampled with the task's stream:
+Evaluation samples with ``ModelSampler``, a ``Sampler`` of its own, rather than the built-in ``transformers``
+sampler, because the two draw different random streams from the same seed, and the sentiment task's cached
+data (and the numbers published from it) were sampled with this stream:
 
 - the ``transformers`` sampler cuts its sequences into batches of ``batch_size`` and seeds batch i with
-  ``derive_seed("prefopt-sampler", seed, i)``; the task cuts its *prompts* into batches of
-  ``batch_size // completions_per_prompt`` and seeds batch i of a split with ``derive_seed(seed, split, i)``;
+  ``derive_seed("prefopt-sampler", seed, i)``; here the *prompts* are cut into batches of
+  ``batch_size // per_prompt`` and batch i is seeded with ``derive_seed(seed, purpose, i)``;
 - the ``transformers`` sampler stops at the tokenizer's EOS and the generation config's, on a fresh
-  generation config; the task stops at the model's generation-config EOS ids (the tokenizer's only when it
-  names none) and samples on top of the model's generation config.
+  generation config; here sampling stops at the model's generation-config EOS ids (the tokenizer's only when
+  it names none) and samples on top of the model's generation config.
 
 Given the same seed for the same batch, the two generate the same tokens (for SmolLM2 their EOS ids
-coincide). So here the caller batches and seeds (``sample_completions``), and each ``TaskSampler.sample``
-call is one ``generate`` call seeded with the seed it is given.
+coincide). So here the caller batches and seeds (``sample_completions``, ``sample_prompt_ids``), and each
+``ModelSampler.sample`` call is one ``generate`` call seeded with the seed it is given. Neither the batching
+nor the seeding may change: the same seed must keep giving the same completions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
-from prefopt import Sample, Sampler, SamplerConfig, SamplerContext, derive_seed, pad_token_ids
+from prefopt.api.sampler import Sample, Sampler, SamplerConfig, SamplerContext, derive_seed
+from prefopt.forward.batching import pad_token_ids
 
-from prefopt_plugins.tasks.sentiment.corpus import Prompt
+__all__ = ["Completion", "ModelSampler", "model_eos_ids", "model_sampler", "sample_completions", "sample_prompt_ids"]
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,13 @@ class Completion:
     num_tokens: int  # generated tokens before EOS
     prompt_ids: tuple[int, ...] = ()  # the prompt as the model saw it
     token_ids: tuple[int, ...] = ()  # the sampled tokens, the EOS that ended them included
+    finished: bool = False  # whether it ended with EOS (else it reached the length limit)
 
 
-class TaskSampler(Sampler):
-    """The task's sampling: one transformers generate call per sample(), on the model it holds, seeded with ``seed``."""
+class ModelSampler(Sampler):
+    """One transformers ``generate`` call per ``sample()``, on the model it holds, seeded with ``seed``."""
 
-    name = "sentiment_task"  # never registered: the task builds it itself
+    name = "model"  # never registered: evaluation builds it itself (``model_sampler``)
 
     def __init__(self, config: SamplerConfig, context: SamplerContext) -> None:
         super().__init__(config, context)
@@ -81,34 +84,48 @@ class TaskSampler(Sampler):
         self.model = None
 
 
-def task_sampler(model, tokenizer, config: SamplerConfig) -> TaskSampler:
-    """A ``TaskSampler`` holding ``model``, its context read off the model."""
+def model_sampler(model, tokenizer, config: SamplerConfig) -> ModelSampler:
+    """A ``ModelSampler`` holding ``model``, its context read off the model."""
     context = SamplerContext(
         model_path=str(getattr(model, "name_or_path", "")), tokenizer=tokenizer,
         dtype=str(model.dtype).removeprefix("torch."), device=str(model.device),
     )  # fmt: skip
-    sampler = TaskSampler(config, context)
+    sampler = ModelSampler(config, context)
     sampler.load_weights(model)
     return sampler
 
 
+PromptText = Union[str, object]  # a prompt's text, or an object holding it in ``.text``
+
+
 def sample_completions(
-    sampler: Sampler, tokenizer, prompts: list[Prompt], per_prompt: int, seed: int, purpose: str,
-    batch_size: int, show_progress: bool = False,
+    sampler: Sampler, tokenizer, prompts: Sequence[PromptText], per_prompt: int, seed: int, purpose: str,
+    batch_size: int, show_progress: bool = False, label: str = "sampling",
 ) -> list[list[Completion]]:  # fmt: skip
-    """``per_prompt`` sampled continuations of each prompt, the same for the same seed and batch size.
+    """``per_prompt`` sampled continuations of each prompt (a text, or an object with ``.text``), tokenized
+    by ``tokenizer`` as it tokenizes plain text (special tokens added); see ``sample_prompt_ids``."""
+    texts = [prompt if isinstance(prompt, str) else prompt.text for prompt in prompts]
+    # Each text is tokenized alone (no padding), so tokenizing all at once gives each batch's ids.
+    prompt_ids = tokenizer(texts).input_ids if texts else []
+    return sample_prompt_ids(sampler, prompt_ids, per_prompt, seed, purpose, batch_size, show_progress, label)
+
+
+def sample_prompt_ids(
+    sampler: Sampler, prompt_ids: Sequence[Sequence[int]], per_prompt: int, seed: int, purpose: str,
+    batch_size: int, show_progress: bool = False, label: str = "sampling",
+) -> list[list[Completion]]:  # fmt: skip
+    """``per_prompt`` sampled continuations of each tokenized prompt, the same for the same seed and batch size.
 
     Prompts go to ``sampler`` ``batch_size // per_prompt`` at a time (at least one), batch i seeded with
-    ``derive_seed(seed, purpose, i)``; the task's cached data depends on both, so neither may change."""
+    ``derive_seed(seed, purpose, i)``; cached data and published numbers depend on both, so neither may change."""
     prompts_per_batch = max(1, batch_size // per_prompt)
     results: list[list[Completion]] = []
-    bar = tqdm(total=len(prompts) * per_prompt, desc=f"sentiment {purpose}", unit="seq", disable=not show_progress)
+    bar = tqdm(total=len(prompt_ids) * per_prompt, desc=f"{label} {purpose}", unit="seq", disable=not show_progress)
     with bar:
-        for index, start in enumerate(range(0, len(prompts), prompts_per_batch)):
-            batch = prompts[start : start + prompts_per_batch]
-            prompt_ids = tokenizer([p.text for p in batch]).input_ids
-            samples = sampler.sample(prompt_ids, per_prompt, seed=derive_seed(seed, purpose, index))
-            for ids, group in zip(prompt_ids, samples):
+        for index, start in enumerate(range(0, len(prompt_ids), prompts_per_batch)):
+            batch = [list(ids) for ids in prompt_ids[start : start + prompts_per_batch]]
+            samples = sampler.sample(batch, per_prompt, seed=derive_seed(seed, purpose, index))
+            for ids, group in zip(batch, samples):
                 results.append([_completion(sample, ids) for sample in group])
             bar.update(len(batch) * per_prompt)
     return results
@@ -133,4 +150,4 @@ def _to_sample(tokenizer, tokens: list[int], eos_ids: list[int]) -> Sample:
 
 def _completion(sample: Sample, prompt_ids: Sequence[int]) -> Completion:
     num_tokens = len(sample.token_ids) - sample.finished  # the EOS that ended it is not counted
-    return Completion(sample.text, num_tokens, tuple(prompt_ids), sample.token_ids)
+    return Completion(sample.text, num_tokens, tuple(prompt_ids), sample.token_ids, sample.finished)
