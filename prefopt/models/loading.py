@@ -60,9 +60,7 @@ def load_causal_lm(
     ``quantization`` (section ``model.quantization``) loads the weights quantized, straight onto ``device``."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": DTYPES[dtype], "revision": revision, "trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    kwargs = _load_options(dtype, revision, trust_remote_code, attn_implementation)
     if quantization is not None:
         kwargs.update(_quantized_load(quantization, DTYPES[dtype], device))
     path = _checked_local_path(path, key)
@@ -84,6 +82,14 @@ def load_causal_lm(
     return model
 
 
+def _load_options(dtype: str, revision: str | None, trust_remote_code: bool, attn_implementation: str | None) -> dict:
+    """The ``from_pretrained`` options every model load shares; no attention backend: transformers' default."""
+    options = {"dtype": DTYPES[dtype], "revision": revision, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        options["attn_implementation"] = attn_implementation
+    return options
+
+
 def load_sequence_scorer(
     path: str,
     *,
@@ -101,9 +107,7 @@ def load_sequence_scorer(
     """
     from transformers import AutoModelForSequenceClassification
 
-    kwargs = {"dtype": DTYPES[dtype], "revision": revision, "trust_remote_code": trust_remote_code, "num_labels": 1}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    kwargs = {**_load_options(dtype, revision, trust_remote_code, attn_implementation), "num_labels": 1}
     path = _checked_local_path(path, key)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
