@@ -44,6 +44,8 @@ INTEGRITY = "integrity_cost.json"
 QUICKSTART = "restructure_parity/quickstart-after-summary.json"
 JUDGE = "judge_agreement.json"
 REFERENCE_MEMORY = "reference_memory.json"
+RM_SUMMARY = "reward_model/summary.json"
+RM_AGREEMENT = "reward_model_agreement.json"
 
 MEMORY_GOAL = 0.6  # prefopt peak RSS <= 0.6 x TRL's leanest: the goal benchmarks/README.md states
 
@@ -347,6 +349,22 @@ def reference_memory_numbers() -> tuple[str, ...]:
     return (f"{ratio:.3f}", f"{abs(ratio - 1) * 100:.1f}", *(thousands(x) for low_high in ranges for x in low_high))
 
 
+# A reward model trained with prefopt (recipes/reward/sentiment-rm.yaml, benchmarks/reward_model_agreement.py)
+
+def reward_model_training() -> tuple[str, ...]:
+    """Training pairs, steps, and held-out pair accuracy at the start and the end."""
+    summary = raw(RM_SUMMARY)
+    return (str(summary["train_pairs"]), str(summary["steps"]),
+            *(f"{summary[key]['eval/rewards/accuracies']:.3f}" for key in ("eval_start", "eval_end")))
+
+
+def reward_model_agreement() -> tuple[str, ...]:
+    """Accuracy through the judge, pairs, completions, Spearman and Pearson with VADER."""
+    result = raw(RM_AGREEMENT)
+    return (f"{result['pair_accuracy']:.3f}", str(result["pairs"]), str(2 * result["pairs"]),
+            f"{result['spearman']:.3f}", f"{result['pearson']:.3f}")
+
+
 # The quickstart (README.md)
 
 TIE = 1e-6  # |implicit reward| below this at step 0: the policy is its reference, every held-out pair a tie
@@ -587,6 +605,14 @@ QUOTES = [
           "sentiment: {}/{} is chance.", judge_findings),
     Quote("reference memory", BENCH_README, "The warm ratio is {}: MRPO peaked {}% below DPO, inside the spread "
           "between repeats (DPO's warm runs peaked at {}–{} MiB, MRPO's at {}–{} MiB).", reference_memory_numbers),
+    Quote("reward model data", BENCH_README, "on the quickstart's {} sentiment pairs, one epoch of {} steps.",
+          lambda: reward_model_training()[:2]),
+    Quote("reward model accuracy", BENCH_README, "Held-out pair accuracy rose from {} to {} over the epoch.",
+          lambda: reward_model_training()[2:]),
+    Quote("reward model judge", BENCH_README, "the saved model gives {} on the same {} pairs",
+          lambda: reward_model_agreement()[:2]),
+    Quote("reward model vader", BENCH_README, "over the {} held-out completions, Spearman {} and Pearson {}",
+          lambda: reward_model_agreement()[2:]),
     Quote("integrity load", BENCH_README, "(1-minute load average {} at the start, {} at the end)", load_averages),
     Quote("README trl_speed", MAIN_README, "trained at {}x the tokens/s of TRL's fastest configuration (precomputed "
           "reference log-probs) with per-step losses equal to TRL's within {}, and peaked at {}x the memory of TRL's "
