@@ -295,3 +295,17 @@ def test_the_score_is_not_a_log_prob(tiny_model_dir, pairs_file, tmp_path):
     assert torch.equal(output.chosen_rewards, logps.policy_chosen)
     assert logps.chosen_tokens.tolist() == [float(len(p.chosen_ids)) for p in run.train_pairs.pairs[:4]]
     assert not math.isnan(float(output.loss.mean()))
+
+
+@pytest.mark.parametrize("loader, what", [("load_causal_lm", "cannot load a causal LM"),
+                                          ("load_sequence_scorer", "cannot load it as a sequence scorer")])
+def test_a_folder_without_a_model_is_one_line_naming_the_key(tmp_path, loader, what):
+    from prefopt.errors import PrefoptError
+    from prefopt.models import loading
+
+    (tmp_path / "empty").mkdir()
+    kwargs = {"pad_token_id": 0} if loader == "load_sequence_scorer" else {}
+    with pytest.raises(PrefoptError) as caught:
+        getattr(loading, loader)(str(tmp_path / "empty"), **kwargs)
+    message = str(caught.value)
+    assert message.startswith(f"model.path '{tmp_path / 'empty'}': {what} (") and "\n" not in message

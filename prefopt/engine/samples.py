@@ -162,35 +162,14 @@ def log_completions(run: Run, step: int, *, final: bool = False) -> None:
 def held_out_prompts(run: Run, count: int) -> list[HeldOutPrompt]:
     """The first ``count`` held-out prompts (the task's own, else the held-out rows' distinct prompts), tokenized
     as training tokenizes prompts; a prompt too long to leave room for a completion is left out."""
-    from prefopt.data.tokenize import tokenize_examples
-    from prefopt.data.types import PreferenceExample
+    from prefopt.judged.prompts import prompt_texts, tokenized
 
-    texts = run.task.eval_prompts(run.task_data) if run.task is not None else None
-    source = f"task {run.task.name!r}'s held-out prompts" if texts is not None else None
-    if texts is None:
-        texts, source = held_out_rows_prompts(run.recipe, run.task_data)
-    texts = list(texts)[:count]
+    texts, source = prompt_texts(run.recipe, run.task, run.task_data)
+    texts = texts[:count]  # fewer than asked for is fine here: these are examples, not a comparison
     if not texts:
         raise PrefoptError(f"eval.samples: {source} holds no prompts")
-    d = run.recipe.data
-    examples = [PreferenceExample(row=i, prompt=text, chosen=None, rejected=None) for i, text in enumerate(texts)]
-    pairs = tokenize_examples(examples, run.tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                              append_eos=d.append_eos, invalid_rows="skip", source=f"eval.samples: {source}")
-    return [HeldOutPrompt(texts[pair.row], pair.prompt_ids) for pair in pairs.pairs]
-
-
-def held_out_rows_prompts(recipe, task_data) -> tuple[list[Text], str]:
-    """The distinct prompts of the held-out rows in order, and where they come from."""
-    from prefopt.data.formats import to_examples
-    from prefopt.data.load import load_rows
-
-    d = recipe.data
-    path, split = (str(task_data.eval), "train") if task_data is not None else (d.path, d.eval_split)
-    source = f"{path} (split {split})"
-    rows = load_rows(path, split, d.subset, recipe.model.trust_remote_code)
-    examples, _, _ = to_examples(rows, d.columns.model_dump(), d.format, source)
-    distinct = {json.dumps(example.prompt, sort_keys=True): example.prompt for example in examples}
-    return list(distinct.values()), source
+    prompts = tokenized(texts, run.tokenizer, run.recipe.data, f"eval.samples: {source}")
+    return [HeldOutPrompt(text, ids) for text, ids in zip(prompts.texts, prompts.ids)]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -63,23 +63,29 @@ def load_causal_lm(
     kwargs = _load_options(dtype, revision, trust_remote_code, attn_implementation)
     if quantization is not None:
         kwargs.update(_quantized_load(quantization, DTYPES[dtype], device))
-    path = _checked_local_path(path, key)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise PrefoptError(
-            f"{key} {path!r}: cannot load a causal LM ({_first_line(exc)}); give a hub id, a local "
-            "directory with config.json and weights, or smollm2-135m-instruct"
-        ) from None
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise _remote_code_error(path, key) from None
-        raise
+    model = _from_pretrained(AutoModelForCausalLM, path, kwargs, key, "cannot load a causal LM ({}); give a hub id, "
+                             "a local directory with config.json and weights, or smollm2-135m-instruct")
     if quantization is not None:
         from prefopt.models.quantization import keep_cpu_layout
 
         keep_cpu_layout(model)
     return model
+
+
+def _from_pretrained(auto_class, path: str, kwargs: dict, key: str, cannot: str) -> nn.Module:
+    """``auto_class.from_pretrained`` on the checked path; a missing or unreadable model is one line naming ``key``
+    (``cannot``, with ``{}`` for transformers' reason), and so is code the model ships that is not trusted."""
+    path = _checked_local_path(path, key)
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise PrefoptError(f"{key} {path!r}: " + cannot.format(_first_line(exc))) from None
+    except (ValueError, RuntimeError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise _remote_code_error(path, key) from None
+        if "Unrecognized model" in str(exc):  # no config.json, or one with no model_type: not a model folder
+            raise PrefoptError(f"{key} {path!r}: " + cannot.format(_first_line(exc))) from None
+        raise
 
 
 def _load_options(dtype: str, revision: str | None, trust_remote_code: bool, attn_implementation: str | None) -> dict:
@@ -108,17 +114,13 @@ def load_sequence_scorer(
     from transformers import AutoModelForSequenceClassification
 
     kwargs = {**_load_options(dtype, revision, trust_remote_code, attn_implementation), "num_labels": 1}
-    path = _checked_local_path(path, key)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise PrefoptError(
-            f"{key} {path!r}: cannot load it as a sequence scorer ({_first_line(exc)}); give a hub id or a local "
-            "directory with config.json and weights of a causal LM (it gets a fresh score head) or of a reward model"
-        ) from None
-    except (ValueError, RuntimeError) as exc:
-        if "trust_remote_code" in str(exc):
-            raise _remote_code_error(path, key) from None
+        model = _from_pretrained(
+            AutoModelForSequenceClassification, path, kwargs, key, "cannot load it as a sequence scorer ({}); give a "
+            "hub id or a local directory with config.json and weights of a causal LM (it gets a fresh score head) or "
+            "of a reward model",
+        )  # fmt: skip
+    except RuntimeError as exc:
         if "mismatch" in str(exc):  # the checkpoint's score head has another number of outputs
             raise PrefoptError(f"{key} {path!r} has a score head with more than one output, and a reward model "
                                "here has one: start from its causal LM instead") from None
