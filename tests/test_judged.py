@@ -399,3 +399,15 @@ def test_a_bench_on_a_plain_file_judges_every_run_against_the_initial_model(tmp_
     assert 0 <= row["lc_win_rate"] <= 1 and row["reward"] == pytest.approx(sum(m["score"] for m in mine) / 8)
     assert json.loads((out / "initial" / EVAL_FILE).read_text())["judge"] == VADER
     assert (out / "leaderboard.md").is_file()
+
+
+def test_a_damaged_baseline_completions_file_is_a_one_line_error(tmp_path):
+    """Entries are compared with the initial model's completions: a torn line there is never read as whole."""
+    from prefopt.bench.evaluate import _read_lines
+    from prefopt.errors import PrefoptError
+
+    path = tmp_path / COMPLETIONS_FILE
+    path.write_text('{"prompt_index": 0, "sample": 0, "completion": " fine"}\n{"prompt_index": 1, "sam')
+    with pytest.raises(PrefoptError, match=rf"^{tmp_path / COMPLETIONS_FILE} line 2: not a completion record"):
+        _read_lines(path)
+    assert _read_lines(tmp_path / "missing.jsonl") == []

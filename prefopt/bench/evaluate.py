@@ -33,7 +33,7 @@ from pathlib import Path
 
 from prefopt.errors import PrefoptError
 from prefopt.api.task import KL_METRIC, EvalOptions, Task
-from prefopt.bench.files import COMPLETIONS_FILE, EVAL_FILE, write_json
+from prefopt.bench.files import COMPLETIONS_FILE, EVAL_FILE, read_completions, write_json
 from prefopt.bench.recipe import EvalSpec
 
 FALLBACK_SEED = "fallback_seed"  # the options' key of the seed used when neither eval.seed nor the task sets one
@@ -220,9 +220,7 @@ def _data_digests(data) -> dict:
 
 def _read_lines(path: Path) -> list[dict]:
     """A completions file's lines; none when it does not exist (the initial model was evaluated without one)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_completions(path) or []
 
 
 def _write_lines(path: Path, lines: list[dict]) -> None:

@@ -13,12 +13,10 @@ character that markdown would read as markup is backslash-escaped, and line brea
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefopt.bench.files import COMPLETIONS_FILE
-from prefopt.errors import PrefoptError
+from prefopt.bench.files import COMPLETIONS_FILE, read_completions as read_completion_records
 
 OUTCOMES = {1.0: "win", 0.5: "tie", 0.0: "loss"}
 INITIAL_LABEL = "initial model (untrained)"
@@ -39,19 +37,10 @@ class Example:
 
 def read_completions(path: Path) -> dict[tuple[int, int], dict] | None:
     """(prompt_index, sample) -> the completion's record; None when the file does not exist."""
-    if not path.is_file():
+    records = read_completion_records(path)
+    if records is None:
         return None
-    found = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            found[(int(record["prompt_index"]), int(record["sample"]))] = record
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise PrefoptError(f"{path} line {number}: not a completion record (JSON with prompt_index and sample); "
-                               "delete the run's bench-eval.json to evaluate it again") from None
-    return found
+    return {(record["prompt_index"], record["sample"]): record for record in records}
 
 
 def collect_examples(initial_dir: Path, rows: list[dict], records: list[dict],

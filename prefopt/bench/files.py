@@ -36,3 +36,24 @@ def read_json(path: Path):
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
+
+
+def read_completions(path: Path) -> list[dict] | None:
+    """A completions file's records (``COMPLETIONS_FILE``) in order; None when it does not exist. A line that is
+    not a completion record (damaged, or hand-edited) is a one-line error naming the file and line."""
+    from prefopt.errors import PrefoptError
+
+    if not path.is_file():
+        return None
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record["prompt_index"], record["sample"] = int(record["prompt_index"]), int(record["sample"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise PrefoptError(f"{path} line {number}: not a completion record (JSON with prompt_index and sample); "
+                               "delete the run's bench-eval.json to evaluate it again") from None
+        records.append(record)
+    return records
