@@ -44,6 +44,9 @@ INTEGRITY = "integrity_cost.json"
 QUICKSTART = "restructure_parity/quickstart-after-summary.json"
 JUDGE = "judge_agreement.json"
 REFERENCE_MEMORY = "reference_memory.json"
+OWN_DATA = "own_data"  # one folder per judge: benchmarks/own_data.py
+OWN_DATA_JUDGES = {"function": "VADER (function)", "reward_model": "reward model (prefopt)",
+                   "llm_pairwise": "SmolLM2 (llm_pairwise)"}
 RM_SUMMARY = "reward_model/summary.json"
 RM_AGREEMENT = "reward_model_agreement.json"
 
@@ -327,6 +330,68 @@ def judge_findings() -> tuple[str, ...]:
             str(both["pairs"]))
 
 
+# One bench on the exported pairs, judged three ways (benchmarks/own_data.py)
+
+def own_data_board(judge: str) -> dict:
+    return raw(f"{OWN_DATA}/{judge}/leaderboard.json")
+
+
+def completion_outcomes(judge: str) -> list[float]:
+    """Every run's outcome against the initial model, completion by completion, in one fixed order."""
+    outcomes = []
+    for path in sorted((RESULTS / OWN_DATA / judge / "runs").glob("*/seed-*/bench-completions.jsonl")):
+        outcomes += [json.loads(line)["outcome"] for line in path.read_text().splitlines()]
+    return outcomes
+
+
+def agreement_with_vader(judge: str) -> tuple[int, int]:
+    """Comparisons where both the judge and VADER call a winner (outcome off 0.5), and how many they call
+    alike. A pairwise judge's outcome is its preference averaged over both orders, a number in [0, 1]."""
+    pairs = [(mine, truth) for mine, truth in zip(completion_outcomes(judge), completion_outcomes("function"))
+             if mine != 0.5 and truth != 0.5]
+    return sum((mine > 0.5) == (truth > 0.5) for mine, truth in pairs), len(pairs)
+
+
+def own_data() -> str:
+    """Per entry and judge: reward (score judges), win rate and LC win rate against the initial model."""
+    rows = []
+    for judge, label in OWN_DATA_JUDGES.items():
+        for entry in sorted(own_data_board(judge)["entries"], key=lambda e: e["entry"]):
+            reward = spread(entry["reward"], 3) if entry["reward"]["mean"] is not None else "-"
+            rows.append([entry["entry"], label, reward, spread(entry["win_rate"], 3), spread(entry["lc_win_rate"], 3)])
+    return markdown(["entry", "judge", "mean reward", "win rate", "LC win rate"], rows)
+
+
+def own_data_judges() -> str:
+    """Per judge: its initial-model reward, agreement with VADER, and the bench's wall time."""
+    rows = []
+    for judge, label in OWN_DATA_JUDGES.items():
+        initial = own_data_board(judge)["initial"]["reward"]
+        agree, called = agreement_with_vader(judge)
+        seconds = raw(f"{OWN_DATA}/{judge}/provenance.json")["bench_wall_seconds"]
+        rows.append([label, "-" if initial is None else f"{initial:.3f}",
+                     "-" if judge == "function" else f"{agree}/{called}", f"{seconds:.0f} s"])
+    return markdown(["judge", "initial model's reward", "calls the winner as VADER does", "bench time"], rows)
+
+
+def own_data_load() -> tuple[str, ...]:
+    """The 1-minute load average when the first bench started and when the last one ended."""
+    first = raw(f"{OWN_DATA}/function/provenance.json")["machine"]["load_average_1_5_15"]["before"][0]
+    last = raw(f"{OWN_DATA}/llm_pairwise/provenance.json")["machine"]["load_average_1_5_15"]["after"][0]
+    return f"{first:.1f}", f"{last:.1f}"
+
+
+def own_data_agreement() -> tuple[str, ...]:
+    """Agreement with VADER of the reward model, then of the LLM judge, each as agreed and called."""
+    return tuple(str(n) for judge in ("reward_model", "llm_pairwise") for n in agreement_with_vader(judge))
+
+
+def own_data_runs() -> tuple[str, ...]:
+    """KL and length of each entry (the same samples for every judge), from the VADER board."""
+    board = {e["entry"]: e for e in own_data_board("function")["entries"]}
+    return tuple(f"{board[name][key]['mean']:.1f}" for name in ("dpo-b0.1", "ipo-b0.5") for key in ("kl", "length"))
+
+
 # Several references from the cache (benchmarks/reference_memory.py)
 
 def reference_memory() -> str:
@@ -398,6 +463,8 @@ TABLES: dict[str, tuple[str, Callable[[], str]]] = {
     "integrity_cost": (INTEGRITY, integrity_cost),
     "judge_agreement": (JUDGE, judge_agreement),
     "reference_memory": (REFERENCE_MEMORY, reference_memory),
+    "own_data": (OWN_DATA, own_data),
+    "own_data_judges": (OWN_DATA, own_data_judges),
 }
 
 
@@ -613,7 +680,16 @@ QUOTES = [
           lambda: reward_model_agreement()[:2]),
     Quote("reward model vader", BENCH_README, "over the {} held-out completions, Spearman {} and Pearson {}",
           lambda: reward_model_agreement()[2:]),
-    Quote("integrity load", BENCH_README, "(1-minute load average {} at the start, {} at the end)", load_averages),
+    Quote("own data load", BENCH_README, "(1-minute load average {} at the start, {} at the end), so its times "
+          "are indicative", own_data_load),
+    Quote("own data runs", BENCH_README, "DPO {} nats and {} tokens, IPO {} nats and {} tokens", own_data_runs),
+    Quote("own data initial length", BENCH_README, "(the initial model's completions average {} tokens)",
+          lambda: (f"{own_data_board('function')['initial']['length']:.1f}",)),
+    Quote("own data agreement", BENCH_README, "agrees with VADER on {} of the {} comparisons where both call a "
+          "winner", lambda: own_data_agreement()[:2]),
+    Quote("own data llm", BENCH_README, "The 135M LLM judge agrees on {} of {},", lambda: own_data_agreement()[2:]),
+    Quote("integrity load", BENCH_README, "(1-minute load average {} at the start, {} at the end), so the setup "
+          "time", load_averages),
     Quote("README trl_speed", MAIN_README, "trained at {}x the tokens/s of TRL's fastest configuration (precomputed "
           "reference log-probs) with per-step losses equal to TRL's within {}, and peaked at {}x the memory of TRL's "
           "leanest (gradient checkpointing); prefopt with `model.gradient_checkpointing: true` peaked at {}x, at {}x "

@@ -228,6 +228,52 @@ def test_a_bench_on_the_exported_pairs_gives_the_tasks_rewards_exactly(built, tm
     evaluator.close()
 
 
+def test_a_reward_model_trained_with_prefopt_judges_a_bench(tmp_path, tiny_model_dir, tokenizer, pairs_dir):
+    """The chain a user with preference data and no reward model follows, on the tiny model: train a
+    Bradley-Terry model on the plain file through the engine, name its saved folder as the bench's judge, and
+    every completion's score is what that model gives it; the outcomes against the initial model's completions
+    follow the scores, and the win rate is their mean."""
+    from helpers import tiny_recipe, validated
+    from prefopt import engine
+    from prefopt.api.judge import JudgeContext
+    from prefopt.registry.loading import default_plugins
+    from prefopt_plugins.judges.reward_model import RewardModelJudge
+
+    tree = tiny_recipe(tiny_model_dir, pairs_dir, tmp_path / "rm", train={"max_steps": 2},
+                       output={"save_model": True})
+    tree["loss"] = {"name": "bradley_terry"}
+    tree["data"]["append_eos"] = False  # a reward model is trained on what its judge will see
+    run = engine.setup(validated(tree), show_progress=False)
+    engine.fit(run, show_progress=False)
+    engine.finish(run)
+
+    judge = {"name": "reward_model", "path": str(tmp_path / "rm" / "model"), "format": "plain"}
+    path = write_bench(tmp_path, tiny_model_dir, pairs_dir, {"judge": judge, "num_prompts": 4,
+                                                             "samples_per_prompt": 2, "max_new_tokens": 6})
+    bench = load_bench(path, default_plugins())
+    evaluator = evaluator_of(bench)
+    initial = evaluator.evaluate(recipe_file(bench.initial_dir, bench.initial), initial=True)
+    entry = bench.runs[0]
+    save_model(entry.dir, tokenizer, seed=1)
+    result = evaluator.evaluate(recipe_file(entry.dir, entry.recipe), initial=False,
+                                baseline=bench.initial_dir / COMPLETIONS_FILE)
+    evaluator.close()
+
+    before, mine = read_lines(bench.initial_dir / COMPLETIONS_FILE), read_lines(entry.dir / COMPLETIONS_FILE)
+    assert len(before) == len(mine) == 8
+    by_itself = RewardModelJudge(RewardModelJudge.Config(**{k: v for k, v in judge.items() if k != "name"}),
+                                 JudgeContext(device="cpu"))
+    for lines in (before, mine):  # scored in other batches here: float32 rounding apart, no more
+        rescored = by_itself.scores([line["prompt"] for line in lines], [line["completion"] for line in lines])
+        assert [line["score"] for line in lines] == pytest.approx(rescored, abs=1e-5, rel=0)
+    by_itself.close()
+    by_hand = [1.0 if m["score"] > i["score"] else 0.0 if m["score"] < i["score"] else 0.5 for m, i in zip(mine, before)]
+    assert [m["outcome"] for m in mine] == by_hand
+    assert result["win_rate"] == pytest.approx(sum(by_hand) / 8, abs=1e-12) and 0 <= result["lc_win_rate"] <= 1
+    assert result["reward"] == pytest.approx(sum(m["score"] for m in mine) / 8, abs=1e-9)
+    assert initial["judge"] == result["judge"] == judge
+
+
 # ----------------------------------------------------------------------------------------------------------
 # a pairwise judge: win rates, no reward
 

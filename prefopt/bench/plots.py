@@ -201,7 +201,8 @@ def frontier_figure(rows: list[dict], records: list[dict], initial: dict | None,
     title = "Reward vs KL to the reference"
     if all(r["reward"].mean is None or r["kl"].mean is None for r in records):
         return _no_data_figure(title, "no run has both a reward and a KL to the reference "
-                                      "(the bench's task evaluation reports none)")
+                                      "(a pairwise judge gives win rates only; with no judge and no task nothing "
+                                      "is evaluated)")
     fig, ax = _figure(6.2)
     missing = _spread_points(ax, rows, records, styles, "kl", "reward")
     points = [(r["entry"], r["kl"].mean, r["reward"].mean) for r in records if r["entry"] not in missing]
@@ -283,7 +284,8 @@ def length_reward_figure(rows: list[dict], records: list[dict], initial: dict | 
     title = "Reward vs completion length"
     if all(r["reward"].mean is None or r["length"].mean is None for r in records):
         return _no_data_figure(title, "no run has both a reward and a completion length "
-                                      "(the bench's task evaluation reports none)")
+                                      "(a pairwise judge gives win rates only; with no judge and no task nothing "
+                                      "is evaluated)")
     fig, ax = _figure(5.8)
     missing = _spread_points(ax, rows, records, styles, "length", "reward")
     _initial_point(ax, initial, "length", "reward")
