@@ -44,6 +44,7 @@ INTEGRITY = "integrity_cost.json"
 QUICKSTART = "restructure_parity/quickstart-after-summary.json"
 JUDGE = "judge_agreement.json"
 REFERENCE_MEMORY = "reference_memory.json"
+LAYOUTS = "layouts.json"
 OWN_DATA = "own_data"  # one folder per judge: benchmarks/own_data.py
 OWN_DATA_JUDGES = {"function": "VADER (function)", "reward_model": "reward model (prefopt)",
                    "llm_pairwise": "SmolLM2 (llm_pairwise)"}
@@ -272,6 +273,34 @@ def eos_shifts(entries: list[str]) -> list[float]:
     return [row[c] - initial[c] for entry in entries for row in eos_seeds(entry) for c in EOS_COLUMNS]
 
 
+# Batch layouts (benchmarks/layouts.py)
+
+def layouts() -> str:
+    """One row per case and layout, as the script prints them; bold: the fastest layout of each case."""
+    rows = raw(LAYOUTS)["rows"]
+    fastest = {}
+    for row in rows:
+        case = (row["prompt_tokens"], row["response_tokens"])
+        fastest[case] = min(fastest.get(case, row["seconds_median"]), row["seconds_median"])
+    body = []
+    for row in rows:
+        case = (row["prompt_tokens"], row["response_tokens"])
+        ran = "" if row["layout_used"] == row["layout"] else f" (ran {row['layout_used']})"
+        body.append([f"{case[0]}:{case[1]}", row["layout"] + ran,
+                     bold(f"{row['seconds_median']:.2f}", row["seconds_median"] == fastest[case]),
+                     f"{row['speedup']:.2f}x", f"{row['peak_mib_over_model']:.0f}", thousands(row["tokens"]),
+                     thousands(row["attention_scores"]), sci(row["sum_drift"]) if row["sum_drift"] else "0"])
+    return markdown(["prompt:response", "layout", "s/step", "speedup", "peak MiB over the model", "tokens computed",
+                     "attention scores", "sum drift"], body)
+
+
+def layouts_settings() -> tuple[str, ...]:
+    """Repeats, and the 1-minute load average before and after."""
+    result = raw(LAYOUTS)
+    load = result["machine"]["load_average_1_5_15"]
+    return str(result["settings"]["repeats"]), f"{load['before'][0]:.1f}", f"{load['after'][0]:.1f}"
+
+
 # What verifying cached files costs (benchmarks/integrity_cost.py)
 
 def integrity_cost() -> str:
@@ -463,6 +492,7 @@ TABLES: dict[str, tuple[str, Callable[[], str]]] = {
     "integrity_cost": (INTEGRITY, integrity_cost),
     "judge_agreement": (JUDGE, judge_agreement),
     "reference_memory": (REFERENCE_MEMORY, reference_memory),
+    "layouts": (LAYOUTS, layouts),
     "own_data": (OWN_DATA, own_data),
     "own_data_judges": (OWN_DATA, own_data_judges),
 }
@@ -680,6 +710,13 @@ QUOTES = [
           lambda: reward_model_agreement()[:2]),
     Quote("reward model vader", BENCH_README, "over the {} held-out completions, Spearman {} and Pearson {}",
           lambda: reward_model_agreement()[2:]),
+    Quote("layouts settings", BENCH_README, "Each figure is the median of {} fresh processes, with the layouts "
+          "interleaved. It ran at commit 650f6a5 on 2026-12-02 on the 2 cores (1-minute load average {} at the start, "
+          "{} at the end", layouts_settings),
+    Quote("layouts prefix", BENCH_README, "At a 6:1 prompt-to-response ratio it gave {}× with", lambda: (
+          f"{raw(LAYOUTS)['rows'][2]['speedup']:.2f}",)),
+    Quote("layouts long responses", BENCH_README, "With long responses (1:4) it still gave {}× here", lambda: (
+          f"{raw(LAYOUTS)['rows'][5]['speedup']:.2f}",)),
     Quote("own data load", BENCH_README, "(1-minute load average {} at the start, {} at the end), so its times "
           "are indicative", own_data_load),
     Quote("own data runs", BENCH_README, "DPO {} nats and {} tokens, IPO {} nats and {} tokens", own_data_runs),
