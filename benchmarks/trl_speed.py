@@ -35,6 +35,20 @@ reference log-probs that TRL precomputes and the cache prefopt builds are timed 
 setup as a whole (model load, tokenization, reference). Peak RSS is the child's ``ru_maxrss``
 (setup included; the RSS peak reached before the first step is reported too).
 
+Model FLOPs and MFU. Each child also reports, per step, the token counts benchmarks/flops.py counts FLOPs
+from: tokens forwarded, tokens whose head logits are computed, and the sum of squared sequence lengths, for
+what each tool computes: TRL runs every sequence whole and, on CPU, its fused head scores every position
+(counted at every non-pad one); prefopt's layouts run each sequence whole (padded, packed) or the prompt
+once (prefix-shared), and score response positions only. Padding is not counted (the "executed" FLOPs in
+the JSON count it, and dense attention masks). Before the configurations the parent measures the matmul
+limit: this machine's throughput for the model's own layer shapes (``flops.matmul_limit``, float32, and
+bfloat16 for the record). The table's GFLOP/s are model FLOPs per second over the timed steps and its MFU
+is that over the float32 limit: what a step achieves against what its matmuls alone could. A reference
+forward (trl-leanest, trl-ref) and recomputation (gradient checkpointing) add work MFU does not credit.
+
+``--profile CONFIG`` runs one configuration once instead, with two steps after the warm-up under
+``torch.profiler``, and prints the 15 ops that took the most self CPU time: where a step's time goes.
+
 Same data, same order. One canonical list of pairs is written twice as JSONL: in canonical order for
 TRL, whose sampler is set to ``sequential``, so step k trains on canonical pairs kB .. kB+B-1; and
 permuted for prefopt, which draws each epoch's pairs through a seeded permutation
@@ -54,6 +68,8 @@ the median of the per-repeat ratios.
     python benchmarks/trl_speed.py --model qwen56m --repeats 3 --steps 10    # the reported run
     python benchmarks/trl_speed.py --model smollm2-135m --repeats 1 --steps 5 --json out.json
     python benchmarks/trl_speed.py --quick --prefopt-override train.logprob_chunk_size=256
+    python benchmarks/trl_speed.py --model llama56m-untied --repeats 3 --steps 10   # untied head, 32k vocabulary
+    python benchmarks/trl_speed.py --model qwen56m --profile prefopt --json profile.json
 """
 
 from __future__ import annotations
@@ -71,12 +87,22 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # flops.py and provenance.py sit beside this script
+import flops  # noqa: E402
+import provenance  # noqa: E402
+
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TRL, PREFOPT = "trl", "prefopt"
 # The goals this benchmark checks, stated in benchmarks/README.md.
 THROUGHPUT_GOAL = 1.5  # prefopt tokens/s >= 1.5 x TRL's fastest configuration ...
 LOSS_TOLERANCE = 1e-4  # ... with every one of the first --compare-losses losses within this of TRL's
 MEMORY_GOAL = 0.6  # prefopt peak RSS <= 0.6 x TRL's leanest configuration (its defaults)
+LLAMA56M_VOCAB = 32000
+
+
+def vocab_limit(kind: str) -> int | None:
+    """The token id every pair of ``--model kind`` must stay below (None: the tokenizer's own vocabulary)."""
+    return LLAMA56M_VOCAB if kind == "llama56m-untied" else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,6 +191,12 @@ def model_config(kind: str, tokenizer, max_token_id: int, max_length: int):
         config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                              num_attention_heads=9, num_key_value_heads=3, **special)
         return config, "vocab 49152 (SmolLM2's)"
+    if kind == "llama56m-untied":
+        # 16.4M embedding + 16.4M untied head + 8 x 2.92M layers = 56.1M parameters. The data is drawn with token
+        # ids below 32000 (``vocab_limit``), so SmolLM2's tokenizer fits the smaller vocabulary.
+        config = LlamaConfig(vocab_size=LLAMA56M_VOCAB, hidden_size=512, intermediate_size=1472, num_hidden_layers=8,
+                             num_attention_heads=8, num_key_value_heads=2, **{**special, "tie_word_embeddings": False})
+        return config, f"vocab {LLAMA56M_VOCAB} (data drawn with token ids below it)"
     # qwen56m: a Qwen2-style model of about 56M parameters. A 32,000-token embedding only if every token id
     # of the data (and the special tokens) fits in it; else the tokenizer's vocabulary, with a narrower MLP so
     # that the parameter count stays near 56M.
@@ -198,6 +230,8 @@ def save_model(kind: str, tokenizer, max_token_id: int, max_length: int, directo
         "parameters": parameters, "vocab_note": vocab_note, "hidden_size": config.hidden_size,
         "layers": config.num_hidden_layers, "heads": config.num_attention_heads,
         "kv_heads": config.num_key_value_heads, "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size, "tied": bool(config.tie_word_embeddings), "dir": str(directory),
+        "config": flops.config_fields(config),  # what benchmarks/flops.py counts FLOPs from
     }
 
 
@@ -235,7 +269,7 @@ def text_pool(seed: int) -> tuple[list[str], list[str], str]:
     return sentences(good), sentences(bad), "generated reviews (VADER snippets not in the prefopt cache)"
 
 
-def make_pairs(tokenizer, n: int, max_length: int, seed: int) -> tuple[list[dict], str]:
+def make_pairs(tokenizer, n: int, max_length: int, seed: int, vocab_limit: int | None = None) -> tuple[list[dict], str]:
     """``n`` preference pairs of varied length: a prompt of some reviews ending in "Review:", a positive
     review (chosen) and a negative one (rejected), each drawn to a target token count.
 
@@ -243,15 +277,34 @@ def make_pairs(tokenizer, n: int, max_length: int, seed: int) -> tuple[list[dict
     sequences (padding) and some responses are cut to fit. Each response starts with a space and the
     prompt ends with a colon, so tokenizing prompt + response as one string (TRL) or apart (prefopt)
     gives the same tokens.
+
+    ``vocab_limit``: every token id stays below it (for a model whose vocabulary is smaller than the
+    tokenizer's): sentences with a larger id are left out of the pool, and a pair that still has one (a
+    sentence tokenized differently at the start of the prompt) is drawn again. None changes nothing, so the
+    pairs of the other models are those they always were.
     """
     positive, negative, source = text_pool(seed)
     rng = random.Random(f"pairs:{seed}")
     lengths: dict[str, int] = {}
+    ids: dict[str, list[int]] = {}
+
+    def token_ids(text: str) -> list[int]:
+        if text not in ids:
+            ids[text] = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+        return ids[text]
 
     def tokens(text: str) -> int:
         if text not in lengths:
-            lengths[text] = len(tokenizer(" " + text, add_special_tokens=False)["input_ids"])
+            lengths[text] = len(token_ids(text))
         return lengths[text]
+
+    def fits(*texts: str) -> bool:
+        return vocab_limit is None or all(max(tokenizer(t)["input_ids"], default=0) < vocab_limit for t in texts)
+
+    if vocab_limit is not None:
+        positive = [s for s in positive if max(token_ids(s)) < vocab_limit]
+        negative = [s for s in negative if max(token_ids(s)) < vocab_limit]
+        source += f", sentences with token ids below {vocab_limit} ({len(positive)} positive, {len(negative)} negative)"
 
     def fill(pool: list[str], target: int) -> str:
         parts, count = [], 0
@@ -270,6 +323,8 @@ def make_pairs(tokenizer, n: int, max_length: int, seed: int) -> tuple[list[dict
             continue  # one long snippet overshot: leave room for the responses
         chosen = " " + fill(positive, rng.randint(int(0.05 * max_length), int(0.6 * max_length)))
         rejected = " " + fill(negative, rng.randint(int(0.05 * max_length), int(0.6 * max_length)))
+        if not fits(prompt, chosen, rejected):
+            continue
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows, source
 
@@ -306,13 +361,18 @@ def describe_data(rows: list[dict], tokenizer, max_length: int, batch_size: int)
         prompts.append(len(p))
         responses += [len(c), len(r)]
         lengths.append((len(p) + len(c), len(p) + len(r)))
+    steps, scored = 0, 0
     for start in range(0, len(lengths) - batch_size + 1, batch_size):
         batch = lengths[start : start + batch_size]
         width = max(max(pair) for pair in batch)
         real += sum(sum(pair) for pair in batch)
         padded += 2 * batch_size * width
+        scored += sum(responses[2 * start : 2 * (start + batch_size)])
+        steps += 1
     return {
         "pairs": len(rows), "max_token_id": max_id,
+        # the rows M of benchmarks/flops.py's matmul limit: a step's non-pad tokens, and its response tokens
+        "tokens_per_step": real / max(1, steps), "response_tokens_per_step": scored / max(1, steps),
         "prompt_tokens": {"min": min(prompts), "median": statistics.median(prompts), "max": max(prompts)},
         "response_tokens": {"min": min(responses), "median": statistics.median(responses), "max": max(responses)},
         "responses_truncated": truncated, "padding_fraction": 1 - real / padded if padded else 0.0,
@@ -327,6 +387,40 @@ def clock() -> tuple[float, float, float]:
     """(wall seconds, process CPU seconds: user + sys, peak RSS in MiB so far)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return time.perf_counter(), usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def step_token_counts(pairs: list[dict], step_rows: list[list[int]], layout: str, head: str) -> list[dict]:
+    """Each step's token counts for benchmarks/flops.py (``flops.step_tokens``) from the pairs it trained on."""
+    return [flops.step_tokens([(pairs[j]["prompt"], pairs[j]["chosen"], pairs[j]["rejected"]) for j in rows],
+                              layout, head) for rows in step_rows]
+
+
+PROFILED_STEPS = 2  # --profile: the steps after the warm-up that run under torch.profiler
+PROFILED_OPS = 15
+
+
+class StepProfiler:
+    """torch.profiler over ``PROFILED_STEPS`` steps (CPU activity only); ``summary`` is the ops that took the most
+    self CPU time, the table the report prints."""
+
+    def __init__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.profiler = profile(activities=[ProfilerActivity.CPU])
+        self.profiler.start()
+        self.began = time.perf_counter()
+
+    def summary(self) -> dict:
+        self.profiler.stop()
+        wall = time.perf_counter() - self.began
+        events = sorted(self.profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) or 1.0
+        return {
+            "steps": PROFILED_STEPS, "wall_s": wall, "self_cpu_ms_total": total / 1e3,
+            "top_ops": [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                         "self_share": e.self_cpu_time_total / total, "cpu_total_ms": e.cpu_time_total / 1e3}
+                        for e in events[:PROFILED_OPS]],
+        }
 
 
 def pair_record(prompt, chosen, rejected) -> dict:
@@ -347,13 +441,17 @@ def run_trl(spec: dict, config: dict) -> dict:
 
     class Clock(TrainerCallback):
         def __init__(self):
-            self.marks = []
+            self.marks, self.profiler, self.profile = [], None, None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.marks.append(clock())
 
         def on_step_end(self, args, state, control, **kwargs):
             self.marks.append(clock())
+            if spec.get("profile") and state.global_step == 1:  # after the warm-up step
+                self.profiler = StepProfiler()
+            elif self.profiler is not None and state.global_step == 1 + PROFILED_STEPS:
+                self.profile = self.profiler.summary()
 
     class RecordingDPOTrainer(DPOTrainer):
         """DPOTrainer that keeps each step's loss unrounded and times its reference precompute."""
@@ -375,6 +473,7 @@ def run_trl(spec: dict, config: dict) -> dict:
                 self.precompute_seconds += time.perf_counter() - begin
 
     rows = [json.loads(line) for line in Path(spec["trl_data"]).read_text(encoding="utf-8").splitlines()]
+    imported = clock()
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     t = spec["train"]
@@ -399,10 +498,15 @@ def run_trl(spec: dict, config: dict) -> dict:
         pairs.append(pair_record(example["prompt_ids"], example["chosen_ids"][:room], example["rejected_ids"][:room]))
     trainer.train()
     b = t["batch_size"]
+    step_rows = [list(range(k * b, (k + 1) * b)) for k in range(spec["total_steps"])]
     return {
-        "started": started, "ready": ready, "marks": timer.marks, "losses": trainer.losses,
+        "started": started, "imported": imported, "ready": ready, "marks": timer.marks, "losses": trainer.losses,
         "reference_seconds": trainer.precompute_seconds if config["precompute"] else None,
-        "pairs": pairs, "step_rows": [list(range(k * b, (k + 1) * b)) for k in range(spec["total_steps"])],
+        "pairs": pairs, "step_rows": step_rows,
+        # TRL's fused head scores every position of the padded batch off Triton devices (CPU included); the
+        # FLOP count takes every non-pad one
+        "layout": "padded", "head": "all", "step_tokens": step_token_counts(pairs, step_rows, "padded", "all"),
+        "profile": timer.profile,
         "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
         "attention": trainer.model.config._attn_implementation,
         "optimizer": f"{type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, 'optimizer') else trainer.optimizer).__name__} ({args.optim})",
@@ -456,26 +560,47 @@ def run_prefopt(spec: dict, config: dict) -> dict:
     for text in config["overrides"]:
         apply_override(tree, *parse_override(text))
     recipe = validate_tree(tree, default_plugins(), "trl_speed recipe")
+    imported = clock()
     run = engine.setup(recipe, show_progress=False)
     ready = clock()
     to_canonical = spec["prefopt_to_canonical"]
     pairs = [None] * len(run.train_pairs)
     for pair in run.train_pairs.pairs:
         pairs[to_canonical[pair.row]] = pair_record(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)
-    marks, losses, step_rows = [clock()], [], []
+    marks, losses, step_rows, profiler, profile = [clock()], [], [], None, None
     for step in range(run.total_steps):
+        if spec.get("profile") and step == 1:  # after the warm-up step
+            profiler = StepProfiler()
         step_rows.append([to_canonical[run.train_pairs.pairs[i].row] for i in engine.step_pairs(run, step)])
         values = engine.train_step(run, step)
         marks.append(clock())
         losses.append(values["loss"])
+        if profiler is not None and step == PROFILED_STEPS:
+            profile, profiler = profiler.summary(), None
     policy = run.accelerator.unwrap_model(run.policy)
+    layout, head = computed_layout(run, policy, spec["max_length"])
     return {
-        "started": started, "ready": ready, "marks": marks, "losses": losses, "reference_seconds": cache_seconds[0],
-        "pairs": pairs, "step_rows": step_rows,
+        "started": started, "imported": imported, "ready": ready, "marks": marks, "losses": losses,
+        "reference_seconds": cache_seconds[0], "pairs": pairs, "step_rows": step_rows,
+        "layout": layout, "head": head, "step_tokens": step_token_counts(pairs, step_rows, layout, head),
+        "profile": profile,
         "gradient_checkpointing": bool(getattr(policy, "is_gradient_checkpointing", False)),
         "attention": policy.config._attn_implementation, "optimizer": type(run.optimizer.optimizer if hasattr(
             run.optimizer, "optimizer") else run.optimizer).__name__,
     }
+
+
+def computed_layout(run, policy, max_length: int) -> tuple[str, str]:
+    """The batch layout prefopt's forward really uses (it falls back to padded where a model cannot confine
+    attention as asked), and where it computes the head: "response" positions on its head path, "all"
+    positions on the plain logits path."""
+    from prefopt.forward.layouts import unsupported_reason
+    from prefopt.forward.logprobs import supports_head_path
+
+    layout = getattr(run.recipe.train, "layout", "padded")
+    if unsupported_reason(policy, layout, max_length) is not None:
+        layout = "padded"
+    return layout, "response" if supports_head_path(run.policy) else "all"
 
 
 def child(config_name: str, spec_path: str) -> None:
@@ -505,6 +630,28 @@ def summarize(raw: dict, batch_size: int) -> dict:
         "setup_s": raw["ready"][0] - w0, "reference_s": raw["reference_seconds"], "warmup_step_s": w2 - w1,
         "peak_rss_mib": raw["peak_rss_mib"], "rss_before_training_mib": raw["ready"][2],
         "timed_steps": timed, "timed_tokens": tokens,
+    }
+
+
+def flops_summary(raw: dict, config: dict, limit_flops_per_s: float | None) -> dict:
+    """The timed steps' model FLOPs (benchmarks/flops.py: the policy's forward + backward, padding left out),
+    per second and as MFU against the measured matmul limit; the same for the FLOPs the layout executes,
+    padding and dense attention masks included."""
+    marks, counts = raw["marks"], raw.get("step_tokens")
+    if not counts:
+        return {}
+    timed = counts[1 : len(marks) - 1]
+    wall = (marks[-1][0] - marks[1][0]) / len(timed)
+    needed = [flops.model_flops(config, c) for c in timed]
+    executed = [flops.model_flops(config, c["executed"])["total"] for c in timed]
+    per_step = {part: sum(n[part] for n in needed) / len(timed) for part in ("total", "linear", "head", "attention")}
+    executed_per_step = sum(executed) / len(timed)
+    utilisation = (lambda f: flops.mfu(f, wall, limit_flops_per_s)) if limit_flops_per_s else (lambda f: None)
+    return {
+        "model_flops_per_step": per_step["total"], "linear_flops_per_step": per_step["linear"],
+        "head_flops_per_step": per_step["head"], "attention_flops_per_step": per_step["attention"],
+        "gflops_per_s": per_step["total"] / wall / 1e9, "mfu": utilisation(per_step["total"]),
+        "executed_flops_per_step": executed_per_step, "executed_mfu": utilisation(executed_per_step),
     }
 
 
@@ -565,9 +712,11 @@ def ratios(results: dict[str, list[dict]], mine: str, theirs: str, key: str) -> 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "qwen56m", "smollm2-135m"], default="qwen56m",
-                        help="tiny: 2-layer Llama, hidden 64; qwen56m: Qwen2-style, about 56M parameters; "
-                        "smollm2-135m: SmolLM2-135M's shape. All random-init, with SmolLM2's tokenizer.")
+    parser.add_argument("--model", choices=["tiny", "qwen56m", "llama56m-untied", "smollm2-135m"], default="qwen56m",
+                        help="tiny: 2-layer Llama, hidden 64; qwen56m: Qwen2-style, about 56M parameters, tied; "
+                        "llama56m-untied: Llama-style, 56.1M parameters (hidden 512, 8 layers, 8 heads, 2 KV heads, "
+                        "intermediate 1472, vocab 32000), untied head; smollm2-135m: SmolLM2-135M's shape. All "
+                        "random-init, with SmolLM2's tokenizer.")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after one warm-up step)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, interleaved across tools")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step (one forward)")
@@ -586,6 +735,11 @@ def parse_args(argv=None):
                         "(repeatable)")
     parser.add_argument("--quick", action="store_true", help="smoke test: --model tiny --steps 3 --repeats 1 "
                         "--max-length 128 (explicit options still win)")
+    parser.add_argument("--limit-seconds", type=float, default=4.0, metavar="S",
+                        help="time budget per dtype for measuring the matmul limit MFU is measured against")
+    parser.add_argument("--profile", default=None, metavar="CONFIG",
+                        help=f"instead of measuring: run CONFIG once, {PROFILED_STEPS} steps after the warm-up under "
+                        f"torch.profiler, and print the {PROFILED_OPS} ops with the most self CPU time")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every raw number here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (model, data, runs)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -597,20 +751,24 @@ def parse_args(argv=None):
         args.steps = 3 if "--steps" not in given else args.steps
         args.repeats = 1 if "--repeats" not in given else args.repeats
         args.max_length = 128 if "--max-length" not in given else args.max_length
+        args.limit_seconds = 0.5 if "--limit-seconds" not in given else args.limit_seconds
+    if args.profile:
+        args.steps, args.repeats = PROFILED_STEPS, 1
     if args.steps < 1 or args.repeats < 1 or args.batch_size < 1:
         parser.error("--steps, --repeats and --batch-size must be at least 1")
     return args
 
 
-def prepare(args, workdir: Path) -> dict:
-    """Tokenizer, data (two orders), model; the spec every child reads."""
+def prepare(args, workdir: Path, tokenizer=None, model: dict | None = None) -> dict:
+    """Tokenizer, data (two orders), model; the spec every child reads. ``tokenizer`` and ``model`` (a
+    ``save_model`` description) reuse ones already saved, e.g. one model for several data sets."""
     import torch
 
     threads = args.threads or torch.get_num_threads()
-    tokenizer = save_tokenizer(workdir / "tokenizer")
+    tokenizer = tokenizer or save_tokenizer(workdir / "tokenizer")
     total_steps = args.steps + 1
     n = total_steps * args.batch_size
-    rows, source = make_pairs(tokenizer, n, args.max_length, args.seed)
+    rows, source = make_pairs(tokenizer, n, args.max_length, args.seed, vocab_limit(args.model))
     data = describe_data(rows, tokenizer, args.max_length, args.batch_size)
     data["source"] = source
     write_jsonl(workdir / "trl.jsonl", rows)
@@ -624,17 +782,22 @@ def prepare(args, workdir: Path) -> dict:
     for j, position in enumerate(order):
         prefopt_rows[position], to_canonical[position] = rows[j], j
     write_jsonl(workdir / "prefopt.jsonl", prefopt_rows)
-    model = save_model(args.model, tokenizer, data["max_token_id"], args.max_length, workdir / "model")
+    if model is None:
+        model = save_model(args.model, tokenizer, data["max_token_id"], args.max_length, workdir / "model")
+    if data["max_token_id"] >= model["vocab_size"]:
+        raise SystemExit(f"the data has token id {data['max_token_id']}, beyond the model's vocabulary of "
+                         f"{model['vocab_size']}")
     configs = configurations(args.prefopt_override)
-    if args.configs:
-        wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
+    chosen, flag = (args.profile, "--profile") if getattr(args, "profile", None) else (args.configs, "--configs")
+    if chosen:
+        wanted = [c.strip() for c in chosen.split(",") if c.strip()]
         unknown = set(wanted) - {c["name"] for c in configs}
         if unknown:
-            raise SystemExit(f"--configs: unknown or unavailable {sorted(unknown)}; "
+            raise SystemExit(f"{flag}: unknown or unavailable {sorted(unknown)}; "
                              f"available: {', '.join(c['name'] for c in configs)}")
         configs = [c for c in configs if c["name"] in wanted]
     return {
-        "model_dir": str(workdir / "model"), "trl_data": str(workdir / "trl.jsonl"),
+        "model_dir": model["dir"], "trl_data": str(workdir / "trl.jsonl"),
         "prefopt_data": str(workdir / "prefopt.jsonl"), "prefopt_to_canonical": to_canonical,
         "seed": args.seed, "threads": threads, "max_length": args.max_length, "total_steps": total_steps,
         "train": {"batch_size": args.batch_size, "learning_rate": args.learning_rate, "adam_beta1": 0.9,
@@ -689,14 +852,17 @@ def report(args, workdir: Path) -> None:
 
     import torch
 
+    record = provenance.start()
     print(f"preparing model {args.model!r} and {(args.steps + 1) * args.batch_size} pairs in {workdir} ...", flush=True)
     spec = prepare(args, workdir)
+    spec["profile"] = bool(args.profile)
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
     configs, model, data = spec["configs"], spec["model"], spec["data"]
     print(f"model: {model['architecture']}, {model['parameters'] / 1e6:.1f}M parameters (hidden {model['hidden_size']}, "
           f"{model['layers']} layers, {model['heads']} heads, {model['kv_heads']} KV heads, intermediate "
-          f"{model['intermediate_size']}), {model['vocab_note']}, tied embeddings, fp32")
+          f"{model['intermediate_size']}), {model['vocab_note']}, {'tied' if model['tied'] else 'untied'} "
+          "embeddings, fp32")
     print(f"data: {data['pairs']} pairs from {data['source']}; prompt tokens {data['prompt_tokens']['min']}-"
           f"{data['prompt_tokens']['max']} (median {data['prompt_tokens']['median']:.0f}), response tokens "
           f"{data['response_tokens']['min']}-{data['response_tokens']['max']} (median "
@@ -710,6 +876,11 @@ def report(args, workdir: Path) -> None:
         print(f"  {c['name']:22s} {c['about']}")
     print(f"  prefopt defaults: {prefopt_train_settings()}; micro_batch_size = batch size in every prefopt "
           "configuration (one forward per step, as TRL)")
+    if args.profile:
+        profile_run(args, workdir, spec, spec_path, record)
+        return
+    limit = measure_limit(args, spec)
+    limit_flops_per_s = limit["float32"]["flops_per_s"]
 
     results: dict[str, list[dict]] = {c["name"]: [] for c in configs}
     failures: dict[str, list] = {}
@@ -724,13 +895,14 @@ def report(args, workdir: Path) -> None:
                       + "\n    ".join(out["error"]), flush=True)
                 continue
             out["summary"] = summarize(out["raw"], args.batch_size)
+            out["summary"].update(flops_summary(out["raw"], model["config"], limit_flops_per_s))
             results[config["name"]].append(out)
             if args.json:  # after every run, so an interrupted benchmark keeps what it measured
-                write_json(args, spec, results, failures, complete=False)
+                write_json(args, spec, results, failures, complete=False, provenance=record, limit=limit)
             s = out["summary"]
             print(f"  [{repeat + 1}/{args.repeats}] {config['name']:22s} {s['tokens_per_s']:8.0f} tok/s  "
-                  f"{s['wall_s_per_step']:6.2f} s/step  peak {s['peak_rss_mib']:6.0f} MiB  ({out['seconds']:.0f} s)",
-                  flush=True)
+                  f"{s['wall_s_per_step']:6.2f} s/step  {s['gflops_per_s']:6.1f} GFLOP/s  MFU {100 * s['mfu']:4.1f}%  "
+                  f"peak {s['peak_rss_mib']:6.0f} MiB  ({out['seconds']:.0f} s)", flush=True)
 
     tokenization = compare_tokenization(results, configs)
     baseline = "trl-fastest" if results.get("trl-fastest") else next((c["name"] for c in configs if results[c["name"]]), None)
@@ -739,13 +911,51 @@ def report(args, workdir: Path) -> None:
 
     print()
     print_table(args, configs, results, medians, losses, baseline)
+    print_flops(configs, medians, limit)
     goals = print_ratios_and_goals(args, configs, results, losses)
     print_losses(args, configs, results, baseline)
     print_tokenization(tokenization)
 
     if args.json:
-        write_json(args, spec, results, failures, complete=True, medians=medians, losses=losses,
-                   tokenization=tokenization, goals=goals)
+        record["machine"]["load_average_1_5_15"]["after"] = [round(x, 2) for x in os.getloadavg()]
+        write_json(args, spec, results, failures, complete=True, provenance=record, limit=limit, medians=medians,
+                   losses=losses, tokenization=tokenization, goals=goals)
+        print(f"\nwrote {args.json}")
+
+
+def measure_limit(args, spec: dict) -> dict:
+    """benchmarks/flops.py's matmul limit at this model's shapes, in float32 (what MFU is measured against: both
+    tools train in float32) and bfloat16 (for the record), with M = the data's mean non-pad tokens per step, and
+    its mean response tokens per step for the head."""
+    import torch
+
+    data, limit = spec["data"], {}
+    for dtype in (torch.float32, torch.bfloat16):
+        measured = flops.matmul_limit(spec["model"]["config"], round(data["tokens_per_step"]), dtype, spec["threads"],
+                                      args.limit_seconds, head_tokens=round(data["response_tokens_per_step"]))
+        limit[measured["dtype"]] = measured
+        print(flops.describe_limit(measured), flush=True)
+    return limit
+
+
+def profile_run(args, workdir: Path, spec: dict, spec_path: Path, record: dict) -> None:
+    """--profile: the one configuration, once, with ``PROFILED_STEPS`` steps after the warm-up under torch.profiler;
+    prints the ops that took the most self CPU time (and writes them to --json)."""
+    config = spec["configs"][0]
+    out = run_child(workdir, spec_path, config, 0)
+    if "error" in out:
+        raise SystemExit(f"{config['name']} failed under the profiler:\n  " + "\n  ".join(out["error"]))
+    profile = {"configuration": config["name"], **out["raw"]["profile"]}
+    print(f"\n{config['name']}: {profile['steps']} steps after the warm-up under torch.profiler (CPU), "
+          f"{profile['wall_s']:.2f} s wall, {profile['self_cpu_ms_total'] / 1e3:.2f} s self CPU time in all; "
+          f"top {len(profile['top_ops'])} ops by self CPU time:")
+    print(f"  {'op':44s} {'calls':>7s} {'self ms':>9s} {'self %':>6s} {'total ms':>9s}")
+    for op in profile["top_ops"]:
+        print(f"  {op['op'][:44]:44s} {op['calls']:7d} {op['self_cpu_ms']:9.1f} {100 * op['self_share']:6.1f} "
+              f"{op['cpu_total_ms']:9.1f}")
+    if args.json:
+        record["machine"]["load_average_1_5_15"]["after"] = [round(x, 2) for x in os.getloadavg()]
+        write_json(args, spec, {}, {}, complete=True, provenance=record, profile=profile)
         print(f"\nwrote {args.json}")
 
 
@@ -781,8 +991,8 @@ def fmt(value, spec: str, missing: str = "-") -> str:
 def print_table(args, configs, results, medians, losses, baseline) -> None:
     print(f"medians over {args.repeats} run(s); {args.steps} timed steps of {args.batch_size} pairs each")
     head = (f"{'configuration':22s} {'tok/s':>7s} {'pairs/s':>7s} {'wall s/step':>11s} {'CPU s/step':>10s} "
-            f"{'setup s':>7s} {'ref s':>6s} {'peak RSS MiB':>12s} {'before train':>12s} {'GC':>3s} "
-            f"{'max |dloss|':>11s}")
+            f"{'GFLOP/s':>7s} {'MFU':>6s} {'setup s':>7s} {'ref s':>6s} {'peak RSS MiB':>12s} {'before train':>12s} "
+            f"{'GC':>3s} {'max |dloss|':>11s}")
     print(head)
     print("-" * len(head))
     for config in configs:
@@ -795,8 +1005,10 @@ def print_table(args, configs, results, medians, losses, baseline) -> None:
         shown = "n/a" if diff and diff["max_abs_diff"] is None else fmt(diff.get("max_abs_diff"), ".1e")
         if name == baseline:
             shown = "(baseline)"
+        mfu = None if m.get("mfu") is None else 100 * m["mfu"]
         print(f"{name:22s} {m['tokens_per_s']:7.0f} {m['pairs_per_s']:7.3f} {m['wall_s_per_step']:11.2f} "
-              f"{m['cpu_s_per_step']:10.2f} {m['setup_s']:7.1f} {fmt(m['reference_s'], '6.1f'):>6s} "
+              f"{m['cpu_s_per_step']:10.2f} {fmt(m.get('gflops_per_s'), '7.1f'):>7s} {fmt(mfu, '5.1f'):>5s}% "
+              f"{m['setup_s']:7.1f} {fmt(m['reference_s'], '6.1f'):>6s} "
               f"{m['peak_rss_mib']:12.0f} {m['rss_before_training_mib']:12.0f} "
               f"{'on' if first['gradient_checkpointing'] else 'off':>3s} {shown:>11s}")
     print("ref s: TRL's reference precompute / prefopt's reference-cache build (part of setup s); "
@@ -808,6 +1020,24 @@ def print_table(args, configs, results, medians, losses, baseline) -> None:
             raw = results[config["name"]][0]["raw"]
             seen.setdefault(config["tool"], f"optimizer {raw['optimizer']}, attention {raw['attention']}")
     print("; ".join(f"{tool}: {what}" for tool, what in seen.items()))
+
+
+def print_flops(configs, medians, limit: dict) -> None:
+    """Where each configuration's model FLOPs go, and the limit its MFU is measured against."""
+    f32, bf16 = limit["float32"], limit["bfloat16"]
+    print(f"GFLOP/s: model FLOPs of the policy's forward + backward per second (benchmarks/flops.py: padding, "
+          f"recomputation and reference forwards not counted); MFU: over the float32 matmul limit measured at the "
+          f"model's shapes, {f32['flops_per_s'] / 1e9:.1f} GFLOP/s (bfloat16: {bf16['flops_per_s'] / 1e9:.1f})")
+    print(f"  {'configuration':22s} {'GFLOP/step':>10s} {'linear':>7s} {'head':>6s} {'attn':>6s} "
+          f"{'executed GFLOP/step':>19s} {'executed MFU':>12s}")
+    for config in configs:
+        m = medians.get(config["name"])
+        if not m or m.get("model_flops_per_step") is None:
+            continue
+        total = m["model_flops_per_step"]
+        share = lambda part: f"{100 * m[part + '_flops_per_step'] / total:5.1f}%"  # noqa: E731
+        print(f"  {config['name']:22s} {total / 1e9:10.1f} {share('linear'):>7s} {share('head'):>6s} "
+              f"{share('attention'):>6s} {m['executed_flops_per_step'] / 1e9:19.1f} {100 * m['executed_mfu']:11.1f}%")
 
 
 def print_ratios_and_goals(args, configs, results, losses) -> dict:
