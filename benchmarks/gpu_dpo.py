@@ -129,18 +129,12 @@ def load_tokenizer(path: Path | None, workdir: Path):
 def save_model(dims: dict, tokenizer, max_length: int, directory: Path) -> dict:
     """A random-init (seed 0) Qwen2 decoder of shape ``dims`` with the tokenizer's vocabulary, saved in float32
     beside the tokenizer; its description."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
 
     config = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          max_position_embeddings=max(2048, max_length), **dims)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    parameters = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    del model
+    parameters = trl_speed.save_random_model(config, tokenizer, directory)
     return {"architecture": "Qwen2ForCausalLM", "parameters": parameters, **dims, "vocab_size": config.vocab_size,
             "tied": True, "dir": str(directory), "config": flops.config_fields(config)}
 

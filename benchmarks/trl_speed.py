@@ -213,18 +213,25 @@ def model_config(kind: str, tokenizer, max_token_id: int, max_length: int):
     return config, note
 
 
-def save_model(kind: str, tokenizer, max_token_id: int, max_length: int, directory: Path) -> dict:
-    """Build the random-init model (seed 0), save it with the tokenizer; describe it."""
+def save_random_model(config, tokenizer, directory: Path) -> int:
+    """A random-init (seed 0) float32 model of ``config`` saved with the tokenizer in ``directory``; its
+    parameter count."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    config, vocab_note = model_config(kind, tokenizer, max_token_id, max_length)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     parameters = sum(p.numel() for p in model.parameters())
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    del model
+    return parameters
+
+
+def save_model(kind: str, tokenizer, max_token_id: int, max_length: int, directory: Path) -> dict:
+    """Build the random-init model (seed 0), save it with the tokenizer; describe it."""
+
+    config, vocab_note = model_config(kind, tokenizer, max_token_id, max_length)
+    parameters = save_random_model(config, tokenizer, directory)
     return {
         "kind": kind, "architecture": config.architectures[0] if config.architectures else type(config).__name__,
         "parameters": parameters, "vocab_note": vocab_note, "hidden_size": config.hidden_size,
