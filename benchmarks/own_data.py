@@ -23,15 +23,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
-import provenance  # benchmarks/provenance.py, beside this script
+import bench_raw  # benchmarks/bench_raw.py and provenance.py, beside this script
+import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "recipes/bench/own-data.yaml"
@@ -39,8 +37,6 @@ PAIRWISE_TEMPLATE = (  # the question benchmarks/judge_agreement.py measured the
     "Which continuation of the text is more positive in sentiment?\n\nText: {prompt}\n\n"
     "Continuation 1: {first}\n\nContinuation 2: {second}\n\nReply with 1 or 2 only."
 )
-KEPT = ["leaderboard.json", "leaderboard.md", "results.jsonl", "frontier.png", "winrate_kl.png",
-        "initial/bench-eval.json", "initial/bench-completions.jsonl"]
 
 
 def judges(reward_model: str) -> dict[str, dict]:
@@ -66,22 +62,9 @@ def bench_recipe(judge: dict, runs_dir: str, folder: Path) -> Path:
 def run(judge_name: str, judge: dict, args, out: Path) -> None:
     folder = out / judge_name
     folder.mkdir(parents=True, exist_ok=True)
-    record = provenance.start()
     recipe = bench_recipe(judge, args.runs_dir, folder)
-    command = ["prefopt", "bench", str(recipe.relative_to(ROOT)), "--no-progress"]
-    began = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
-    record["bench_command"] = " ".join(command)
-    record["bench_wall_seconds"] = round(time.perf_counter() - began, 1)
-    runs_dir = ROOT / args.runs_dir
-    for name in KEPT:
-        if (runs_dir / name).is_file():
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(runs_dir / name, folder / name)
-    for completions in sorted(runs_dir.glob("runs/*/seed-*/bench-completions.jsonl")):
-        target = folder / completions.relative_to(runs_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(completions, target)
+    record = bench_raw.run_bench(recipe.relative_to(ROOT), folder)
+    bench_raw.keep_results(ROOT / args.runs_dir, folder, per_run=["bench-completions.jsonl"])
     provenance.finish(record, folder / "provenance.json")
     print(f"{judge_name}: {record['bench_wall_seconds']} s -> {folder.relative_to(ROOT)}", file=sys.stderr)
 

@@ -1,7 +1,8 @@
 """prefopt's step time and peak memory as the step grows: against max_length, and against batch size.
 
 prefopt's default configuration (benchmarks/trl_speed.py's ``prefopt``: the reference read from its on-disk
-cache, the padded layout, one forward per step, fp32, AdamW) on the same random-init model and the same kind
+cache, ``train.layout: auto``, which is prefix sharing on this model, one forward per step, fp32, AdamW) on
+the same random-init model and the same kind
 of synthetic pairs as trl_speed.py, whose model and data builders and child-process runner this script
 reuses. Two sweeps:
 

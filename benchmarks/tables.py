@@ -198,6 +198,56 @@ def checkpointing_cost(result: dict, mine: str, plain: str) -> tuple[str, str, s
     return f"{100 * (1 - with_gc / without):.0f}", thousands(with_gc), thousands(without)
 
 
+# Model-FLOP utilisation and prefopt's defaults (benchmarks/trl_speed.py's MFU columns, --bf16)
+
+MFU_RUNS = {"qwen56m": "mfu_qwen56m.json", "llama56m-untied": "mfu_llama56m_untied.json"}
+SPEED_DEFAULTS = "speed_defaults_qwen56m.json"
+# The MFU runs predate train.layout: auto, so their "prefopt" is the padded layout and prefix sharing (today's
+# default) is its own configuration; in the defaults run "prefopt" is today's default.
+MFU_LABELS = {"trl-fastest": "TRL fastest", "trl-leanest": "TRL leanest", "prefopt": "prefopt, padded",
+              "prefopt-gc": "prefopt, padded + checkpointing",
+              "prefopt-prefix-shared": "prefopt, prefix-shared (**the default now**)"}
+DEFAULTS_LABELS = {"trl-fastest": "TRL fastest", "trl-leanest": "TRL leanest",
+                   "prefopt": "**prefopt defaults** (`auto`: prefix-shared)",
+                   "prefopt-gc": "prefopt defaults + gradient checkpointing",
+                   "trl-fastest-bf16": "TRL fastest, `bf16=True`",
+                   "prefopt-bf16": "prefopt defaults, `train.mixed_precision: bf16`"}
+
+
+def speed_row(result: dict, name: str, label: str) -> list[str]:
+    """One configuration's medians and its ratios to TRL's fastest (speed) and leanest (memory)."""
+    m = result["medians"][name]
+    speed = "–" if name.startswith("trl") else f"×{median_ratio(result, name, 'trl-fastest', 'tokens_per_s'):.2f}"
+    memory = "–" if name.startswith("trl") else f"×{median_ratio(result, name, 'trl-leanest', 'peak_rss_mib'):.2f}"
+    gap = "–" if name == "trl-fastest" else sci(loss_gap(result, name)) if loss_gap(result, name) else "0"
+    return [label, thousands(m["tokens_per_s"]), f"{m['gflops_per_s']:.1f}", f"{100 * m['mfu']:.1f}%",
+            thousands(m["peak_rss_mib"]), speed, memory, gap]
+
+
+SPEED_HEADER = ["configuration", "tok/s", "GFLOP/s", "MFU", "peak RSS MiB", "tok/s vs TRL fastest",
+                "peak RSS vs TRL leanest", "max \\|loss − TRL fastest's\\|"]
+
+
+def mfu(model: str) -> Callable[[], str]:
+    """One 56M model's MFU run: every configuration, in the order they ran."""
+    def table() -> str:
+        result = raw(MFU_RUNS[model])
+        return markdown(SPEED_HEADER, [speed_row(result, c["name"], MFU_LABELS[c["name"]]) for c in result["configs"]])
+    return table
+
+
+def speed_defaults() -> str:
+    result = raw(SPEED_DEFAULTS)
+    return markdown(SPEED_HEADER, [speed_row(result, c["name"], DEFAULTS_LABELS[c["name"]])
+                                   for c in result["configs"]])
+
+
+def matmul_limits(name: str) -> tuple[str, str]:
+    """The float32 and bfloat16 matmul limits a run measured, GFLOP/s."""
+    limit = raw(name)["limit"]
+    return tuple(f"{limit[dtype]['flops_per_s'] / 1e9:.1f}" for dtype in ("float32", "bfloat16"))
+
+
 # Claim 3: length (recipes/bench/length.yaml and benchmarks/eos_probe.py)
 
 LENGTH_NOTES = {"dpo-unbiased": ("VADER labels", " (on its own labels)")}  # entry -> (label note, accuracy note)
@@ -493,6 +543,9 @@ TABLES: dict[str, tuple[str, Callable[[], str]]] = {
     "judge_agreement": (JUDGE, judge_agreement),
     "reference_memory": (REFERENCE_MEMORY, reference_memory),
     "layouts": (LAYOUTS, layouts),
+    "mfu_qwen56m": (MFU_RUNS["qwen56m"], mfu("qwen56m")),
+    "mfu_llama56m_untied": (MFU_RUNS["llama56m-untied"], mfu("llama56m-untied")),
+    "speed_defaults": (SPEED_DEFAULTS, speed_defaults),
     "own_data": (OWN_DATA, own_data),
     "own_data_judges": (OWN_DATA, own_data_judges),
 }
@@ -729,8 +782,11 @@ QUOTES = [
           "time", load_averages),
     Quote("README trl_speed", MAIN_README, "trained at {}x the tokens/s of TRL's fastest configuration (precomputed "
           "reference log-probs) with per-step losses equal to TRL's within {}, and peaked at {}x the memory of TRL's "
-          "leanest (gradient checkpointing); prefopt with `model.gradient_checkpointing: true` peaked at {}x, at {}x "
-          "TRL's speed.", main_readme_trl_numbers),
+          "leanest (gradient checkpointing); prefopt with `model.gradient_checkpointing: true` in the padded layout "
+          "peaked at {}x, at {}x TRL's speed.", main_readme_trl_numbers),
+    Quote("README layouts", MAIN_README, "`python benchmarks/layouts.py` on CPU measured it {}x as fast as `padded` "
+          "at prompt 384 / responses 64 and {}x at prompt 64 / responses 256,", lambda: tuple(
+          f"{raw(LAYOUTS)['rows'][index]['speedup']:.2f}" for index in (2, 5))),
     Quote("README quickstart", MAIN_README, "reward accuracy {} -> {}, margin {} -> {}, mean VADER reward of sampled "
           "completions {} -> {} (raw:", quickstart_numbers),
 ]

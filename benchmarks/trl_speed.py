@@ -13,11 +13,15 @@ Configurations, each run in a fresh process so its peak RSS is its own:
     trl-fastest     DPOTrainer, precompute_ref_log_probs=True, gradient_checkpointing=False
     trl-leanest     DPOTrainer defaults: a live reference model, gradient checkpointing on
     trl-ref         DPOTrainer, a live reference model, gradient checkpointing off
-    prefopt         prefopt defaults: the reference read from its on-disk cache (reference.kind: cache)
+    prefopt         prefopt defaults: the reference read from its on-disk cache (reference.kind: cache),
+                    ``train.layout: auto`` (prefix sharing on these models)
     prefopt-gc      prefopt with model.gradient_checkpointing: true
-    prefopt-packed, prefopt-prefix-shared
+    prefopt-padded, prefopt-packed, prefopt-prefix-shared
                     prefopt with each other ``train.layout`` its recipe offers (none if it has no such
                     key); the goals name the fastest configuration
+    trl-fastest-bf16, prefopt-bf16
+                    with ``--bf16`` only: trl-fastest with ``bf16=True`` and prefopt's defaults with
+                    ``train.mixed_precision: bf16``; both autocast matmuls to bf16 and keep fp32 master weights
 
 Every prefopt configuration sets ``train.micro_batch_size`` to the batch size: one forward per step,
 as TRL does. ``train.group_by_length`` (where it exists) is left at prefopt's default; it reorders
@@ -109,8 +113,9 @@ def vocab_limit(kind: str) -> int | None:
 # The configurations
 
 
-def configurations(prefopt_overrides: list[str]) -> list[dict]:
-    """Every configuration, in the interleaved order the runs go in (TRL, prefopt, TRL, prefopt, ...)."""
+def configurations(prefopt_overrides: list[str], bf16: bool = False) -> list[dict]:
+    """Every configuration, in the interleaved order the runs go in (TRL, prefopt, TRL, prefopt, ...); with
+    ``bf16``, also each tool's fastest under bf16 autocast (fp32 master weights in both)."""
     trl = [
         dict(name="trl-fastest", tool=TRL, precompute=True, gradient_checkpointing=False,
              about="precomputed reference log-probs, no gradient checkpointing"),
@@ -127,6 +132,11 @@ def configurations(prefopt_overrides: list[str]) -> list[dict]:
     for layout in optional_layouts():
         prefopt.append(dict(name=f"prefopt-{layout.replace('_', '-')}", tool=PREFOPT,
                             overrides=[f"train.layout={layout}"], about=f"reference cache, train.layout={layout}"))
+    if bf16:
+        trl.append(dict(name="trl-fastest-bf16", tool=TRL, precompute=True, gradient_checkpointing=False, bf16=True,
+                        about="trl-fastest under bf16=True (autocast, fp32 master weights)"))
+        prefopt.append(dict(name="prefopt-bf16", tool=PREFOPT, overrides=["train.mixed_precision=bf16"],
+                            about="defaults under train.mixed_precision=bf16 (autocast, fp32 master weights)"))
     for config in prefopt:
         config["overrides"] = config["overrides"] + list(prefopt_overrides)
         if prefopt_overrides:
@@ -489,7 +499,7 @@ def run_trl(spec: dict, config: dict) -> dict:
         per_device_train_batch_size=t["batch_size"], gradient_accumulation_steps=1, max_steps=spec["total_steps"],
         learning_rate=t["learning_rate"], lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, adam_beta1=t["adam_beta1"], adam_beta2=t["adam_beta2"], adam_epsilon=t["adam_eps"],
-        max_grad_norm=t["max_grad_norm"], bf16=False, fp16=False, use_cpu=True,
+        max_grad_norm=t["max_grad_norm"], bf16=config.get("bf16", False), fp16=False, use_cpu=True,
         beta=t["beta"], loss_type=["sigmoid"], max_length=spec["max_length"], truncation_mode="keep_start",
         precompute_ref_log_probs=config["precompute"], gradient_checkpointing=config["gradient_checkpointing"],
         train_sampling_strategy="sequential", seed=spec["seed"], data_seed=spec["seed"],
@@ -601,11 +611,13 @@ def computed_layout(run, policy, max_length: int) -> tuple[str, str]:
     """The batch layout prefopt's forward really uses (it falls back to padded where a model cannot confine
     attention as asked), and where it computes the head: "response" positions on its head path, "all"
     positions on the plain logits path."""
-    from prefopt.forward.layouts import unsupported_reason
+    from prefopt.forward import layouts
     from prefopt.forward.logprobs import supports_head_path
 
     layout = getattr(run.recipe.train, "layout", "padded")
-    if unsupported_reason(policy, layout, max_length) is not None:
+    if layout == "auto":
+        layout = layouts.resolve_auto(policy, max_length)[0]
+    if layouts.unsupported_reason(policy, layout, max_length) is not None:
         layout = "padded"
     return layout, "response" if supports_head_path(run.policy) else "all"
 
@@ -747,6 +759,8 @@ def parse_args(argv=None):
     parser.add_argument("--profile", default=None, metavar="CONFIG",
                         help=f"instead of measuring: run CONFIG once, {PROFILED_STEPS} steps after the warm-up under "
                         f"torch.profiler, and print the {PROFILED_OPS} ops with the most self CPU time")
+    parser.add_argument("--bf16", action="store_true",
+                        help="add trl-fastest-bf16 and prefopt-bf16: each tool's fastest under bf16 autocast")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every raw number here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (model, data, runs)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -794,7 +808,7 @@ def prepare(args, workdir: Path, tokenizer=None, model: dict | None = None) -> d
     if data["max_token_id"] >= model["vocab_size"]:
         raise SystemExit(f"the data has token id {data['max_token_id']}, beyond the model's vocabulary of "
                          f"{model['vocab_size']}")
-    configs = configurations(args.prefopt_override)
+    configs = configurations(args.prefopt_override, getattr(args, "bf16", False))
     chosen, flag = (args.profile, "--profile") if getattr(args, "profile", None) else (args.configs, "--configs")
     if chosen:
         wanted = [c.strip() for c in chosen.split(",") if c.strip()]

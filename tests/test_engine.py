@@ -156,24 +156,29 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, pairs_file
 
 
 def test_bf16_autocast_losses_follow_fp32_and_log_to_tensorboard(tiny_model_dir, pairs_file, tmp_path):
+    steps = 20
+
     def losses(precision: str) -> dict[int, float]:
         out = tmp_path / precision
         tree = tiny_recipe(tiny_model_dir, pairs_file, out,
-                           train={"mixed_precision": precision, "max_steps": 6, "epochs": 3, "learning_rate": 3e-3},
+                           train={"mixed_precision": precision, "max_steps": steps, "epochs": steps,
+                                  "learning_rate": 3e-3},
                            output={"dir": str(out), "trackers": ["tensorboard"] if precision == "bf16" else []})
         engine.train(validated(tree), show_progress=False)
         return _train_losses(out)
 
     bf16, fp32 = losses("bf16"), losses("no")
-    assert sorted(bf16) == sorted(fp32) == list(range(1, 7))
-    assert fp32[6] < fp32[1] - 0.01  # fp32 learns, so the comparison covers moving weights
+    assert sorted(bf16) == sorted(fp32) == list(range(1, steps + 1))
+    assert min(fp32.values()) < fp32[1] - 0.05  # fp32 learns, so the comparison covers moving weights
     # Autocast runs the matmuls in bf16 (8 significant bits, relative spacing 2**-8) and keeps log-softmax,
-    # sums and the weights in fp32. The rounding errors of a matmul's products have random signs and partly
-    # cancel in the log-ratio margin, and beta 0.1 scales what is left: the losses differ by at most 4.1e-4 here
-    # over 6 steps. 5e-3 is 12x that; a bf16 path that lost the fp32 master weights or the fp32 log-softmax
-    # (errors of 2**-8 of the ~300-nat sequence log-probs, ~1 nat, times beta) would be far outside it.
+    # sums and the weights (the master copy the optimizer updates) in fp32. The rounding errors of a matmul's
+    # products have random signs and partly cancel in the log-ratio margin, and beta 0.1 scales what is left;
+    # the weights then drift apart a little every step. TOLERANCE_NOTE gives the measured gap; 1e-2 stays
+    # several times above it, while a bf16 path that lost the fp32 master weights (updates of lr 3e-3 rounded
+    # away at 2**-8 relative) or the fp32 log-softmax (errors of 2**-8 of the ~300-nat sequence log-probs,
+    # ~1 nat, times beta) would be far outside it.
     for step in fp32:
-        assert bf16[step] == pytest.approx(fp32[step], abs=5e-3), step
+        assert bf16[step] == pytest.approx(fp32[step], abs=1e-2), step
     assert any(bf16[step] != fp32[step] for step in fp32)  # autocast did run in bf16
     assert list((tmp_path / "bf16").rglob("events.out.tfevents.*")), "no TensorBoard event file"
 

@@ -161,6 +161,25 @@ def test_lora_model_with_its_adapter_off_takes_the_layout():
     torch.testing.assert_close(shared.token_logps, padded.token_logps, rtol=0, atol=ATOL)
 
 
+def test_auto_shares_the_prompt_where_the_model_allows_and_pads_silently_elsewhere(caplog):
+    """``auto`` is prefix sharing on a model that takes it (the very same inputs), and padded, without a
+    warning, on one that does not: the user asked for no particular layout."""
+    batch = _batch()
+    model = _model("llama")
+    auto, shared = layout_inputs(model, batch, "auto"), layout_inputs(model, batch, "prefix_shared")
+    assert auto.layout == "prefix_shared"
+    assert torch.equal(auto.input_ids, shared.input_ids) and torch.equal(auto.attention_mask, shared.attention_mask)
+    assert layouts.describe_layout(model, "auto", 16) == "prefix_shared (auto: the prompt runs once per pair)"
+    narrow = _model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    layouts._reported.clear()
+    with caplog.at_level(logging.WARNING, logger="prefopt.forward.layouts"):
+        assert layout_inputs(narrow, batch, "auto").layout == "padded"
+    assert caplog.records == []
+    assert layouts.describe_layout(narrow, "auto", 16).startswith("padded (auto: Qwen2ForCausalLM its sliding-window")
+    assert layouts.describe_layout(narrow, "prefix_shared", 16).startswith("padded (train.layout=prefix_shared, but")
+    assert layouts.describe_layout(narrow, "packed", 16) == "packed"
+
+
 def test_unknown_layout_is_an_error():
     with pytest.raises(ValueError, match="unknown layout"):
         layout_inputs(_model("llama"), _batch(), "diagonal")
@@ -171,13 +190,20 @@ def _train_losses(run_dir) -> list[float]:
     return [m["loss"] for m in lines if "loss" in m]
 
 
-def test_training_with_each_layout_gives_the_padded_losses(tiny_model_dir, pairs_file, tmp_path):
+def test_training_with_each_layout_gives_the_padded_losses(tiny_model_dir, pairs_file, tmp_path, capsys):
     losses = {}
-    for layout in ("padded", "packed", "prefix_shared"):
-        tree = tiny_recipe(tiny_model_dir, pairs_file, tmp_path / layout, train={"layout": layout},
+    for layout in ("padded", "packed", "prefix_shared", None):  # None: the default, auto
+        name = layout or "default"
+        train = {} if layout is None else {"layout": layout}
+        tree = tiny_recipe(tiny_model_dir, pairs_file, tmp_path / name, train=train,
                            reference={"kind": "live"}, output={"save_model": False})
+        capsys.readouterr()
         engine.train(validated(tree), show_progress=False)
-        losses[layout] = _train_losses(tmp_path / layout)
+        losses[name] = _train_losses(tmp_path / name)
+        step_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step: "))
+        shown = "prefix_shared (auto: the prompt runs once per pair)" if layout is None else layout
+        assert step_line.startswith(f"step: layout {shown}; fp32; gradient checkpointing off; reference live")
     assert len(losses["padded"]) == 3
     for layout in ("packed", "prefix_shared"):
         assert losses[layout] == pytest.approx(losses["padded"], abs=ATOL), layout
+    assert losses["default"] == losses["prefix_shared"]  # auto runs the very same computation

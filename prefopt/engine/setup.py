@@ -36,6 +36,7 @@ from prefopt.engine.run import Run
 from prefopt.engine.samples import build_completions
 from prefopt.engine.trackers import build_trackers, start_trackers, tracker_notices
 from prefopt.errors import PrefoptError
+from prefopt.forward.layouts import describe_layout
 from prefopt.locks import claim_run_dir
 from prefopt.models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer, resolve_model_path
 from prefopt.models.peft import add_adapter
@@ -76,6 +77,7 @@ def setup(recipe, plugins: Plugins | None = None, *, phase: Phase | None = None,
     references = build_references(recipe, phase, loss, accelerator, policy, models.tokenizer, data,
                                   extra_references, say, show_progress)
     optimizer = build_optimizer(recipe, [p for p in policy.parameters() if p.requires_grad])
+    say(describe_step(recipe, policy, loss, references))
     policy, optimizer, accumulation = prepare_for_training(recipe, accelerator, policy, optimizer)
     steps_per_epoch, total_steps = plan_epochs(recipe, data.train, phase, say)
     run = Run(
@@ -355,6 +357,19 @@ def build_policy(recipe, models: ModelLoader, accelerator) -> torch.nn.Module:
     if m.quantization is not None:
         return policy  # quantized weights were loaded onto the device and cannot be moved
     return policy.to(accelerator.device)
+
+
+def describe_step(recipe, policy, loss, references: References | None) -> str:
+    """One line of how each training step computes, printed before the first: the layout ``train.layout``
+    runs as on this model, precision, gradient checkpointing, the reference and the pairs per forward."""
+    t = recipe.train
+    layout = ("padded (a reward model scores each sequence)" if loss.scores_sequences
+              else describe_layout(policy, t.layout, recipe.data.max_length))
+    precision = "fp32" if t.mixed_precision == "no" else f"{t.mixed_precision} autocast"
+    checkpointing = "on" if recipe.model.gradient_checkpointing else "off"
+    reference = references.info.get("kind", "yes") if references is not None and references.info else "none"
+    return (f"step: layout {layout}; {precision}; gradient checkpointing {checkpointing}; reference {reference}; "
+            f"{t.micro_batch_size} pairs per forward")
 
 
 def build_references(recipe, phase: Phase, loss, accelerator, policy, tokenizer, data: Data,
