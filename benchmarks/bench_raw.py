@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-import provenance  # benchmarks/provenance.py, beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance.py sits beside this script
+import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KEPT = ["leaderboard.json", "leaderboard.md", "results.jsonl", "frontier.png", "winrate_kl.png",

@@ -248,6 +248,71 @@ def matmul_limits(name: str) -> tuple[str, str]:
     return tuple(f"{limit[dtype]['flops_per_s'] / 1e9:.1f}" for dtype in ("float32", "bfloat16"))
 
 
+SCALING = "scaling.json"
+PROFILE = "profile_qwen56m.json"
+PROFILE_ROWS = 8
+
+
+def scaling() -> str:
+    """Every point in the order it ran; "rest" is the peak RSS over the process, weights, gradients and AdamW."""
+    rows = []
+    for p in raw(SCALING)["points"]:
+        rest = p["memory"]["rest_mib"]
+        rows.append([str(p["max_length"]), str(p["batch_size"]), thousands(p["tokens_per_step"]),
+                     f"{p['median_step_s']:.2f}", thousands(p["tokens_per_s"]), f"{p['gflops_per_s']:.1f}",
+                     thousands(p["peak_rss_mib"]), thousands(rest), f"{rest / p['tokens_per_step']:.2f}"])
+    header = ["max_length", "batch", "tokens/step", "s/step", "tok/s", "GFLOP/s", "peak RSS MiB", "rest MiB",
+              "rest MiB per token"]
+    return markdown(header, rows)
+
+
+def scaling_fixed() -> tuple[str, ...]:
+    memory = raw(SCALING)["points"][0]["memory"]
+    fixed = memory["weights_mib"] + memory["gradients_mib"] + memory["adamw_mib"]
+    return thousands(memory["baseline_mib"]), thousands(fixed)
+
+
+def scaling_extremes() -> tuple[str, ...]:
+    """Throughput at the shortest and longest max_length of the length sweep."""
+    points = [p for p in raw(SCALING)["points"] if "max_length" in p["sweeps"]]
+    return thousands(points[0]["tokens_per_s"]), thousands(points[-1]["tokens_per_s"])
+
+
+def profile() -> str:
+    top = raw(PROFILE)["profile"]["top_ops"][:PROFILE_ROWS]
+    rows = [[f"`{op['op']}`", str(op["calls"]), thousands(op["self_cpu_ms"]), f"{100 * op['self_share']:.1f}%"]
+            for op in top]
+    return markdown(["op", "calls", "self CPU ms", "share of the steps' CPU time"], rows)
+
+
+def train_losses(name: str) -> dict[int, float]:
+    """A run's per-step training losses from its metrics.jsonl under benchmarks/results/."""
+    lines = [json.loads(line) for line in (RESULTS / name).read_text().splitlines() if line.strip()]
+    return {line["step"]: line["loss"] for line in lines if "loss" in line}
+
+
+def quickstart_layout_gap() -> tuple[str, ...]:
+    """Steps compared and the largest loss difference of the quickstart under auto against its padded run."""
+    padded, auto = train_losses("quickstart/metrics.jsonl"), train_losses("quickstart_auto/metrics.jsonl")
+    return sci(max(abs(auto[step] - padded[step]) for step in padded)), str(len(padded))
+
+
+def untied_gap() -> tuple[str, str]:
+    """tokens/s that 3x TRL's fastest would take on the untied model, and how far above prefopt's default."""
+    result = raw(MFU_RUNS["llama56m-untied"])
+    need = 3 * median_of(result, "trl-fastest", "tokens_per_s")
+    return thousands(need), f"{100 * (need / median_of(result, 'prefopt-prefix-shared', 'tokens_per_s') - 1):.0f}"
+
+
+def checkpointing_gap() -> tuple[str, ...]:
+    """How far checkpointing's memory ratio is over the 0.4 goal, and what it cost in throughput."""
+    result = raw(SPEED_DEFAULTS)
+    memory = median_ratio(result, "prefopt-gc", "trl-leanest", "peak_rss_mib")
+    with_gc, without = median_of(result, "prefopt-gc", "tokens_per_s"), median_of(result, "prefopt", "tokens_per_s")
+    return (f"{100 * (memory / 0.4 - 1):.0f}", f"{100 * (1 - with_gc / without):.0f}", thousands(with_gc),
+            thousands(without))
+
+
 # Claim 3: length (recipes/bench/length.yaml and benchmarks/eos_probe.py)
 
 LENGTH_NOTES = {"dpo-unbiased": ("VADER labels", " (on its own labels)")}  # entry -> (label note, accuracy note)
@@ -546,6 +611,8 @@ TABLES: dict[str, tuple[str, Callable[[], str]]] = {
     "mfu_qwen56m": (MFU_RUNS["qwen56m"], mfu("qwen56m")),
     "mfu_llama56m_untied": (MFU_RUNS["llama56m-untied"], mfu("llama56m-untied")),
     "speed_defaults": (SPEED_DEFAULTS, speed_defaults),
+    "scaling": (SCALING, scaling),
+    "profile": (PROFILE, profile),
     "own_data": (OWN_DATA, own_data),
     "own_data_judges": (OWN_DATA, own_data_judges),
 }
@@ -784,6 +851,58 @@ QUOTES = [
           "reference log-probs) with per-step losses equal to TRL's within {}, and peaked at {}x the memory of TRL's "
           "leanest (gradient checkpointing); prefopt with `model.gradient_checkpointing: true` in the padded layout "
           "peaked at {}x, at {}x TRL's speed.", main_readme_trl_numbers),
+    Quote("defaults mfu", BENCH_README, "Prefix sharing reached {}% on qwen56m and {}% on the untied model, and {}% "
+          "in the defaults run. The padded layout reached {}% and {}%.", lambda: tuple(
+          f"{100 * raw(name)['medians'][config]['mfu']:.1f}" for name, config in (
+              (MFU_RUNS["qwen56m"], "prefopt-prefix-shared"), (MFU_RUNS["llama56m-untied"], "prefopt-prefix-shared"),
+              (SPEED_DEFAULTS, "prefopt"), (MFU_RUNS["qwen56m"], "prefopt"), (MFU_RUNS["llama56m-untied"], "prefopt")))),
+    Quote("defaults speed", BENCH_README, "The default gave ×{} in the defaults run, and ×{} (qwen56m) and ×{} "
+          "(untied) in the MFU runs.", lambda: (
+          ratio(raw(SPEED_DEFAULTS), "prefopt", "trl-fastest", "tokens_per_s", 2),
+          ratio(raw(MFU_RUNS["qwen56m"]), "prefopt-prefix-shared", "trl-fastest", "tokens_per_s", 2),
+          ratio(raw(MFU_RUNS["llama56m-untied"]), "prefopt-prefix-shared", "trl-fastest", "tokens_per_s", 2))),
+    Quote("defaults memory", BENCH_README, "The default peaked at ×{} of TRL's leanest in the defaults run (×{} and "
+          "×{} in the MFU runs); adding gradient checkpointing gave ×{},", lambda: (
+          ratio(raw(SPEED_DEFAULTS), "prefopt", "trl-leanest", "peak_rss_mib", 2),
+          ratio(raw(MFU_RUNS["qwen56m"]), "prefopt-prefix-shared", "trl-leanest", "peak_rss_mib", 2),
+          ratio(raw(MFU_RUNS["llama56m-untied"]), "prefopt-prefix-shared", "trl-leanest", "peak_rss_mib", 2),
+          ratio(raw(SPEED_DEFAULTS), "prefopt-gc", "trl-leanest", "peak_rss_mib", 2))),
+    Quote("defaults bf16", BENCH_README, "trained at ×{} its fp32 tokens/s, and ×{} TRL's `bf16=True`, whose bf16 "
+          "gave it ×{}. Its losses stayed within {} of TRL's fp32 losses over the first {} steps (TRL's bf16: {}).",
+          lambda: (ratio(raw(SPEED_DEFAULTS), "prefopt-bf16", "prefopt", "tokens_per_s", 2),
+                   ratio(raw(SPEED_DEFAULTS), "prefopt-bf16", "trl-fastest-bf16", "tokens_per_s", 2),
+                   ratio(raw(SPEED_DEFAULTS), "trl-fastest-bf16", "trl-fastest", "tokens_per_s", 2),
+                   sci(loss_gap(raw(SPEED_DEFAULTS), "prefopt-bf16")), str(compared_steps(raw(SPEED_DEFAULTS))),
+                   sci(loss_gap(raw(SPEED_DEFAULTS), "trl-fastest-bf16")))),
+    Quote("defaults quickstart", BENCH_README, "gave per-step losses within {} of the padded run's "
+          "(`benchmarks/results/quickstart/`) over all {} steps,", quickstart_layout_gap),
+    Quote("profile mm", BENCH_README, "Matrix multiplications take {}% of the step's CPU time,", lambda: (
+          f"{100 * raw(PROFILE)['profile']['top_ops'][0]['self_share']:.1f}",)),
+    Quote("scaling fixed", BENCH_README, "RSS minus the process before the model ({} MiB: torch and transformers "
+          "loaded), the weights, gradients and AdamW's two moments ({} MiB together, fp32):", scaling_fixed),
+    Quote("scaling throughput", BENCH_README, "({} tok/s at 256 tokens, {} at 2,048)", scaling_extremes),
+    Quote("limit qwen56m", BENCH_README, "the section above; float32 limit {} GFLOP/s, bfloat16 {}):",
+          lambda: matmul_limits(MFU_RUNS["qwen56m"])),
+    Quote("limit llama56m", BENCH_README, "vocabulary 32,000; float32 limit {} GFLOP/s, bfloat16 {}):",
+          lambda: matmul_limits(MFU_RUNS["llama56m-untied"])),
+    Quote("limit defaults", BENCH_README, "(float32 limit {} GFLOP/s, bfloat16 {}; the bf16 rows'",
+          lambda: matmul_limits(SPEED_DEFAULTS)),
+    Quote("defaults spread", BENCH_README, "two qwen56m runs ({} and {} tok/s); TRL's fastest moved more ({} and {} "
+          "tok/s, and {} in the 3-repeat run", lambda: tuple(thousands(median_of(raw(name), config, "tokens_per_s"))
+          for name, config in ((MFU_RUNS["qwen56m"], "prefopt-prefix-shared"), (SPEED_DEFAULTS, "prefopt"),
+                               (MFU_RUNS["qwen56m"], "trl-fastest"), (SPEED_DEFAULTS, "trl-fastest"),
+                               (TRL_SPEED, "trl-fastest")))),
+    Quote("defaults untied gap", BENCH_README, "3× would need {} tok/s at its MFU run's speed, {}% more than measured.",
+          untied_gap),
+    Quote("defaults checkpointing", BENCH_README, "{}% over the goal, at {}% less throughput ({} against {} tok/s).",
+          checkpointing_gap),
+    Quote("scaling per token", BENCH_README, "at {}–{} MiB per token:", lambda: tuple(
+          f"{f(p['memory']['rest_mib'] / p['tokens_per_step'] for p in raw(SCALING)['points']):.2f}" for f in (min, max))),
+    Quote("scaling fixed part", BENCH_README, "The fixed part (process, weights, gradients, optimizer) is {} MiB,",
+          lambda: (thousands(sum(float(v.replace(",", "")) for v in scaling_fixed())),)),
+    Quote("scaling batch", BENCH_README, "throughput stays within {}–{} tok/s.", lambda: tuple(
+          thousands(f(p["tokens_per_s"] for p in raw(SCALING)["points"] if "batch_size" in p["sweeps"]))
+          for f in (min, max))),
     Quote("README layouts", MAIN_README, "`python benchmarks/layouts.py` on CPU measured it {}x as fast as `padded` "
           "at prompt 384 / responses 64 and {}x at prompt 64 / responses 256,", lambda: tuple(
           f"{raw(LAYOUTS)['rows'][index]['speedup']:.2f}" for index in (2, 5))),

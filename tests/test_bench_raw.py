@@ -1,0 +1,41 @@
+"""benchmarks/bench_raw.py keeps what a reader needs to check a bench's numbers, and nothing else (no models, no
+checkpoints), at the paths the bench wrote them."""
+
+from __future__ import annotations
+
+from helpers import load_benchmark
+
+bench_raw = load_benchmark("bench_raw")
+
+
+def test_keeps_the_leaderboard_the_initial_evaluation_and_each_runs_curves_and_completions(tmp_path):
+    runs_dir, out = tmp_path / "bench", tmp_path / "out"
+    kept = ["leaderboard.json", "leaderboard.md", "results.jsonl", "frontier.png", "initial/bench-eval.json",
+            "initial/bench-completions.jsonl", "runs/dpo/seed-0/metrics.jsonl", "runs/dpo/seed-0/summary.json",
+            "runs/dpo/seed-0/bench-completions.jsonl", "runs/mrpo/seed-1/metrics.jsonl"]
+    left = ["leaderboard.html", "runs/dpo/seed-0/model/model.safetensors", "runs/dpo/seed-0/checkpoints/step-8/x",
+            "runs/dpo/seed-0/bench-train.log"]
+    for name in kept + left:
+        (runs_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (runs_dir / name).write_text(name)
+    bench_raw.keep_results(runs_dir, out)
+    copied = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert copied == sorted(kept)
+    assert all((out / name).read_text() == name for name in kept)
+
+
+def test_only_completions_per_run_when_asked(tmp_path):
+    runs_dir, out = tmp_path / "bench", tmp_path / "out"
+    for name in ("runs/a/seed-0/metrics.jsonl", "runs/a/seed-0/bench-completions.jsonl"):
+        (runs_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (runs_dir / name).write_text("x")
+    bench_raw.keep_results(runs_dir, out, per_run=["bench-completions.jsonl"])
+    assert [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()] == ["runs/a/seed-0/bench-completions.jsonl"]
+
+
+def test_output_dir_is_the_recipes_relative_to_the_checkout(tmp_path):
+    recipe = tmp_path / "bench.yaml"
+    recipe.write_text("output:\n  dir: runs/bench/x\n")
+    assert bench_raw.output_dir(recipe) == bench_raw.ROOT / "runs/bench/x"
+    recipe.write_text(f"output:\n  dir: {tmp_path / 'abs'}\n")
+    assert bench_raw.output_dir(recipe) == tmp_path / "abs"
