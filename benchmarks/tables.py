@@ -313,6 +313,58 @@ def checkpointing_gap() -> tuple[str, ...]:
             thousands(without))
 
 
+# Where the default (prefix sharing) ran: the defaults run's "prefopt", the MFU runs' "prefopt-prefix-shared".
+DEFAULT_RUNS = ((SPEED_DEFAULTS, "prefopt"), (MFU_RUNS["qwen56m"], "prefopt-prefix-shared"),
+                (MFU_RUNS["llama56m-untied"], "prefopt-prefix-shared"))
+
+
+def defaults_mfu() -> tuple[str, ...]:
+    """MFU of prefix sharing in the two MFU runs and the defaults run, then of padding in the MFU runs."""
+    runs = (*DEFAULT_RUNS[1:], DEFAULT_RUNS[0], (MFU_RUNS["qwen56m"], "prefopt"), (MFU_RUNS["llama56m-untied"], "prefopt"))
+    return tuple(f"{100 * raw(name)['medians'][config]['mfu']:.1f}" for name, config in runs)
+
+
+def defaults_against(theirs: str, key: str) -> tuple[str, ...]:
+    """The default's ratio to a TRL configuration in the defaults run, then in the two MFU runs."""
+    return tuple(ratio(raw(name), config, theirs, key, 2) for name, config in DEFAULT_RUNS)
+
+
+def bf16_numbers() -> tuple[str, ...]:
+    """bf16 against fp32 and against TRL's bf16; TRL's own bf16 gain; both tools' loss gaps to TRL's fp32."""
+    result = raw(SPEED_DEFAULTS)
+    return (ratio(result, "prefopt-bf16", "prefopt", "tokens_per_s", 2),
+            ratio(result, "prefopt-bf16", "trl-fastest-bf16", "tokens_per_s", 2),
+            ratio(result, "trl-fastest-bf16", "trl-fastest", "tokens_per_s", 2),
+            sci(loss_gap(result, "prefopt-bf16")), str(compared_steps(result)), sci(loss_gap(result, "trl-fastest-bf16")))
+
+
+# On-policy rounds: in-process vLLM against a vLLM server (benchmarks/online_rounds.py)
+
+ONLINE_ROUNDS = {"tiny": "online_rounds_tiny.json", "smollm2-135m": "online_rounds_smollm2_135m.json"}
+ONLINE_LABELS = {"vllm": "in-process `vllm`", "vllm_server": "`vllm_server` (reload transport)"}
+
+
+def online_rounds(model: str) -> Callable[[], str]:
+    """Each sampler's start-up and its median round split (rounds 2 and later), in seconds."""
+    def table() -> str:
+        rows = []
+        for sampler, result in raw(ONLINE_ROUNDS[model])["results"].items():
+            m = result["summary"]
+            rows.append([ONLINE_LABELS[sampler], f"{m['startup_and_first_sync_s']:.1f}", f"{m['generate_s']:.2f}",
+                         f"{m['sync_s']:.2f}", f"{m['train_s']:.2f}", f"{m['round_s']:.2f}",
+                         f"{100 * m['sync_share']:.1f}%"])
+        header = ["sampler", "start-up s", "generate s", "sync s", "train s", "round s", "sync share of a round"]
+        return markdown(header, rows)
+    return table
+
+
+def online_sync_numbers() -> tuple[str, ...]:
+    """SmolLM2-135M: the server's and the in-process engine's median sync seconds, then their shares of a round."""
+    results = raw(ONLINE_ROUNDS["smollm2-135m"])["results"]
+    summaries = [results[sampler]["summary"] for sampler in ("vllm_server", "vllm")]
+    return (*(f"{m['sync_s']:.1f}" for m in summaries), *(f"{100 * m['sync_share']:.1f}" for m in summaries))
+
+
 # Claim 3: length (recipes/bench/length.yaml and benchmarks/eos_probe.py)
 
 LENGTH_NOTES = {"dpo-unbiased": ("VADER labels", " (on its own labels)")}  # entry -> (label note, accuracy note)
@@ -612,6 +664,8 @@ TABLES: dict[str, tuple[str, Callable[[], str]]] = {
     "mfu_llama56m_untied": (MFU_RUNS["llama56m-untied"], mfu("llama56m-untied")),
     "speed_defaults": (SPEED_DEFAULTS, speed_defaults),
     "scaling": (SCALING, scaling),
+    "online_rounds_tiny": (ONLINE_ROUNDS["tiny"], online_rounds("tiny")),
+    "online_rounds_smollm2_135m": (ONLINE_ROUNDS["smollm2-135m"], online_rounds("smollm2-135m")),
     "profile": (PROFILE, profile),
     "own_data": (OWN_DATA, own_data),
     "own_data_judges": (OWN_DATA, own_data_judges),
@@ -852,28 +906,16 @@ QUOTES = [
           "leanest (gradient checkpointing); prefopt with `model.gradient_checkpointing: true` in the padded layout "
           "peaked at {}x, at {}x TRL's speed.", main_readme_trl_numbers),
     Quote("defaults mfu", BENCH_README, "Prefix sharing reached {}% on qwen56m and {}% on the untied model, and {}% "
-          "in the defaults run. The padded layout reached {}% and {}%.", lambda: tuple(
-          f"{100 * raw(name)['medians'][config]['mfu']:.1f}" for name, config in (
-              (MFU_RUNS["qwen56m"], "prefopt-prefix-shared"), (MFU_RUNS["llama56m-untied"], "prefopt-prefix-shared"),
-              (SPEED_DEFAULTS, "prefopt"), (MFU_RUNS["qwen56m"], "prefopt"), (MFU_RUNS["llama56m-untied"], "prefopt")))),
+          "in the defaults run. The padded layout reached {}% and {}%.", defaults_mfu),
     Quote("defaults speed", BENCH_README, "The default gave ×{} in the defaults run, and ×{} (qwen56m) and ×{} "
-          "(untied) in the MFU runs.", lambda: (
-          ratio(raw(SPEED_DEFAULTS), "prefopt", "trl-fastest", "tokens_per_s", 2),
-          ratio(raw(MFU_RUNS["qwen56m"]), "prefopt-prefix-shared", "trl-fastest", "tokens_per_s", 2),
-          ratio(raw(MFU_RUNS["llama56m-untied"]), "prefopt-prefix-shared", "trl-fastest", "tokens_per_s", 2))),
+          "(untied) in the MFU runs.", lambda: defaults_against("trl-fastest", "tokens_per_s")),
     Quote("defaults memory", BENCH_README, "The default peaked at ×{} of TRL's leanest in the defaults run (×{} and "
           "×{} in the MFU runs); adding gradient checkpointing gave ×{},", lambda: (
-          ratio(raw(SPEED_DEFAULTS), "prefopt", "trl-leanest", "peak_rss_mib", 2),
-          ratio(raw(MFU_RUNS["qwen56m"]), "prefopt-prefix-shared", "trl-leanest", "peak_rss_mib", 2),
-          ratio(raw(MFU_RUNS["llama56m-untied"]), "prefopt-prefix-shared", "trl-leanest", "peak_rss_mib", 2),
+          *defaults_against("trl-leanest", "peak_rss_mib"),
           ratio(raw(SPEED_DEFAULTS), "prefopt-gc", "trl-leanest", "peak_rss_mib", 2))),
     Quote("defaults bf16", BENCH_README, "trained at ×{} its fp32 tokens/s, and ×{} TRL's `bf16=True`, whose bf16 "
           "gave it ×{}. Its losses stayed within {} of TRL's fp32 losses over the first {} steps (TRL's bf16: {}).",
-          lambda: (ratio(raw(SPEED_DEFAULTS), "prefopt-bf16", "prefopt", "tokens_per_s", 2),
-                   ratio(raw(SPEED_DEFAULTS), "prefopt-bf16", "trl-fastest-bf16", "tokens_per_s", 2),
-                   ratio(raw(SPEED_DEFAULTS), "trl-fastest-bf16", "trl-fastest", "tokens_per_s", 2),
-                   sci(loss_gap(raw(SPEED_DEFAULTS), "prefopt-bf16")), str(compared_steps(raw(SPEED_DEFAULTS))),
-                   sci(loss_gap(raw(SPEED_DEFAULTS), "trl-fastest-bf16")))),
+          bf16_numbers),
     Quote("defaults quickstart", BENCH_README, "gave per-step losses within {} of the padded run's "
           "(`benchmarks/results/quickstart/`) over all {} steps,", quickstart_layout_gap),
     Quote("profile mm", BENCH_README, "Matrix multiplications take {}% of the step's CPU time,", lambda: (
@@ -903,6 +945,15 @@ QUOTES = [
     Quote("scaling batch", BENCH_README, "throughput stays within {}–{} tok/s.", lambda: tuple(
           thousands(f(p["tokens_per_s"] for p in raw(SCALING)["points"] if "batch_size" in p["sweeps"]))
           for f in (min, max))),
+    Quote("online load", BENCH_README, "(1-minute load average {}-{}, recorded)", lambda: (
+          f"{min(raw(f)['machine']['load_average_1_5_15']['before'][0] for f in ONLINE_ROUNDS.values()):.1f}",
+          f"{max(raw(f)['machine']['load_average_1_5_15']['after'][0] for f in ONLINE_ROUNDS.values()):.1f}")),
+    Quote("online sync", BENCH_README, "Syncing through files took {} s against {} s, {}% of the round against {}%.",
+          lambda: online_sync_numbers()),
+    Quote("online startup", BENCH_README, "Launching and loading the server took {} s once, against {} s for the "
+          "in-process engine.", lambda: tuple(
+          f"{raw(ONLINE_ROUNDS['smollm2-135m'])['results'][sampler]['summary']['startup_and_first_sync_s']:.0f}"
+          for sampler in ("vllm_server", "vllm"))),
     Quote("README layouts", MAIN_README, "`python benchmarks/layouts.py` on CPU measured it {}x as fast as `padded` "
           "at prompt 384 / responses 64 and {}x at prompt 64 / responses 256,", lambda: tuple(
           f"{raw(LAYOUTS)['rows'][index]['speedup']:.2f}" for index in (2, 5))),

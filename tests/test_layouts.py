@@ -200,9 +200,9 @@ def test_training_with_each_layout_gives_the_padded_losses(tiny_model_dir, pairs
         capsys.readouterr()
         engine.train(validated(tree), show_progress=False)
         losses[name] = _train_losses(tmp_path / name)
-        step_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step: "))
+        step_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("compute: "))
         shown = "prefix_shared (auto: the prompt runs once per pair)" if layout is None else layout
-        assert step_line.startswith(f"step: layout {shown}; fp32; gradient checkpointing off; reference live")
+        assert step_line.startswith(f"compute: layout {shown}; fp32; gradient checkpointing off; reference live")
     assert len(losses["padded"]) == 3
     for layout in ("packed", "prefix_shared"):
         assert losses[layout] == pytest.approx(losses["padded"], abs=ATOL), layout

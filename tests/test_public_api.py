@@ -204,8 +204,8 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # it builds its model and data under work/
     with contextlib.redirect_stdout(io.StringIO()) as out:
         exec(compile(readme_python_example(), "README.md (From Python)", "exec"), {"__name__": "__main__"})
-    # what the example prints, among the run's own notes (data:, reference:)
-    lines = [line for line in out.getvalue().splitlines() if not line.startswith(("data:", "reference:"))]
+    # what the example prints, among the run's own notes (data:, reference:, compute:)
+    lines = [line for line in out.getvalue().splitlines() if not line.startswith(("data:", "reference:", "compute:"))]
     assert [line.split(":")[0] for line in lines[:3]] == ["step 1", "step 2", "step 3"], lines
     assert lines[3].startswith("3 steps in work/run: accuracy "), lines
     assert lines[4:] == ["recipe: loss.bta: unknown option of loss 'dpo' (did you mean 'beta'?)"]

@@ -368,7 +368,7 @@ def describe_step(recipe, policy, loss, references: References | None) -> str:
     precision = "fp32" if t.mixed_precision == "no" else f"{t.mixed_precision} autocast"
     checkpointing = "on" if recipe.model.gradient_checkpointing else "off"
     reference = references.info.get("kind", "yes") if references is not None and references.info else "none"
-    return (f"step: layout {layout}; {precision}; gradient checkpointing {checkpointing}; reference {reference}; "
+    return (f"compute: layout {layout}; {precision}; gradient checkpointing {checkpointing}; reference {reference}; "
             f"{t.micro_batch_size} pairs per forward")
 
 
