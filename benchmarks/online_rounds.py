@@ -35,39 +35,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402  (benchmarks/ is not a package)
-
-
-def openings(count: int) -> list[str]:
-    """The first 4 to 8 words of ``count`` movie-review snippets."""
-    from prefopt_plugins.tasks.sentiment import load_snippets
-
-    texts = []
-    for index, snippet in enumerate(load_snippets()):
-        words = snippet.text.split()
-        n = 4 + index % 5
-        if len(words) > n:
-            texts.append(" ".join(words[:n]))
-        if len(texts) == count:
-            return texts
-    raise SystemExit(f"only {len(texts)} snippets are long enough")
+import sampling  # noqa: E402  (its prompts and tiny model)
+from sampling import openings  # noqa: E402
 
 
 def tiny_model(root: Path) -> str:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """benchmarks/sampling.py's tiny Llama, with SmolLM2's tokenizer."""
     from prefopt.models.loading import load_tokenizer, resolve_model_path
 
-    tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return str(root)
+    return sampling.tiny_model(root, load_tokenizer(resolve_model_path("smollm2-135m-instruct")))
 
 
 def recipe(model: str, prompts: Path, out: Path, sampler: dict, args) -> dict:

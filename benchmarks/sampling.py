@@ -38,6 +38,7 @@ from pathlib import Path
 
 
 def openings(count: int) -> list[str]:
+    """The first 4 to 8 words of ``count`` movie-review snippets."""
     from prefopt_plugins.tasks.sentiment import load_snippets
 
     texts = []

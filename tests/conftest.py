@@ -69,6 +69,30 @@ def tiny_config(vocab_size: int, **overrides):
     return LlamaConfig(**values)
 
 
+def save_vllm_tiny_model(path: Path, tokenizer) -> Path:
+    """The tiny Llama with head size 32, the smallest vLLM's CPU attention accepts, saved with the tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    config = tiny_config(len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=512)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def eos_heavy(model, strength: float) -> None:
+    """Make <|endoftext|> (0) and <|im_end|> (2) likely after any token: layers pass the embedding
+    through, every embedding has a 1 in dimension 0, and those two have ``strength`` there (tied head)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed = model.get_input_embeddings().weight
+        embed[:, 0] = 1.0
+        embed[[0, 2], 0] = strength
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir, tokenizer) -> Path:
     """A 2-layer random-init Llama with SmolLM2's vocabulary, saved with the tokenizer: a model.path."""

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import eos_heavy, save_vllm_tiny_model
 from prefopt import Sample, SamplerContext
 from prefopt.errors import PrefoptError
 from prefopt.models.loading import merged_state_dict
@@ -30,15 +30,7 @@ MAX_NEW = 10
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    from transformers import LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("sampler-model")
-    config = tiny_config(len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=512)  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_vllm_tiny_model(tmp_path_factory.mktemp("sampler-model"), tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -85,18 +77,6 @@ def with_lora(model, seed: int):
             if "lora_B" in name:  # B starts at zero; make the adapter do something
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
     return peft_model
-
-
-def eos_heavy(model, strength: float) -> None:
-    """Make <|endoftext|> (0) and <|im_end|> (2) likely after any token: layers pass the embedding
-    through, every embedding has a 1 in dimension 0, and those two have ``strength`` there (tied head)."""
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        embed = model.get_input_embeddings().weight
-        embed[:, 0] = 1.0
-        embed[[0, 2], 0] = strength
 
 
 def policy_logps(model, ids: list[int], start: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import eos_heavy, save_vllm_tiny_model
 from helpers import online_tree, round_records, train_losses, train_tree
 from prefopt import Sample, SamplerContext
 from prefopt.errors import PrefoptError
@@ -40,15 +40,7 @@ LAUNCH = {"max_model_len": 256, "kv_cache_memory_bytes": 32 << 20, "startup_time
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    from transformers import LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("server-model")
-    config = tiny_config(len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=512)  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_vllm_tiny_model(tmp_path_factory.mktemp("server-model"), tokenizer)
 
 
 def sampler_for(model_dir, tokenizer, **options):
@@ -147,15 +139,7 @@ def test_samples_are_reproducible_per_seed_and_per_prompt(server, policy, tokeni
 
 
 def test_completions_end_at_any_eos_which_they_keep(server, policy, tokenizer):
-    # Make <|endoftext|> (0) and <|im_end|> (2) likely after any token: layers pass the embedding through,
-    # every embedding has a 1 in dimension 0, and those two have 2.0 there (tied head).
-    with torch.no_grad():
-        for layer in policy.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        embed = policy.get_input_embeddings().weight
-        embed[:, 0] = 1.0
-        embed[[0, 2], 0] = 2.0
+    eos_heavy(policy, strength=2.0)  # <|endoftext|> (0) and <|im_end|> (2) likely after any token
     policy.generation_config.eos_token_id = [2, 0]  # <|endoftext|> ends a completion only through this
     server.load_weights(policy)
     samples = [s for row in server.sample([tokenizer("The movie was").input_ids] * 3, n=8, seed=3) for s in row]
