@@ -4,9 +4,12 @@
 ignores). This script runs it, then copies what a reader needs to check every number benchmarks/README.md
 quotes from it into ``--out``:
 
-- the bench's ``leaderboard.json``, ``leaderboard.md``, ``results.jsonl`` and plots;
-- the initial model's evaluation and completions, and every run's completions with their scores;
-- every run's ``metrics.jsonl`` and ``summary.json`` (training curves, held-out metrics at each evaluation);
+- the bench's ``leaderboard.json``, ``leaderboard.md``, ``results.jsonl`` and plots (every ``*.png``);
+- the initial model's evaluation and completions, and every run's evaluation (its metrics and the reference its
+  KL is measured against) and completions with their scores;
+- every run's ``metrics.jsonl`` and ``summary.json`` (training curves, held-out metrics at each evaluation),
+  and ``bench-train.json`` (the run's wall time and peak memory); a staged run's ``stages.json`` and each stage's
+  ``metrics.jsonl`` and ``summary.json``;
 - ``provenance.json``: command, commit, date, machine, the load at the start and the end, and wall time.
 
     python benchmarks/bench_raw.py recipes/bench/dpop-small-edits.yaml --out benchmarks/results/claims/dpop-small-edits
@@ -27,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance.py sits b
 import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-KEPT = ["leaderboard.json", "leaderboard.md", "results.jsonl", "frontier.png", "winrate_kl.png",
-        "initial/bench-eval.json", "initial/bench-completions.jsonl"]
-KEPT_PER_RUN = ["bench-completions.jsonl", "metrics.jsonl", "summary.json"]
+KEPT = ["leaderboard.json", "leaderboard.md", "results.jsonl", "initial/bench-eval.json",
+        "initial/bench-completions.jsonl"]
+# A staged run (sDPO) also keeps its plan and each stage's curves and held-out metrics.
+KEPT_PER_RUN = ["bench-completions.jsonl", "bench-eval.json", "metrics.jsonl", "summary.json", "bench-train.json",
+                "stages.json", "stages/*/metrics.jsonl", "stages/*/summary.json"]
 
 
 def keep_results(runs_dir: Path, folder: Path, per_run: list[str] = KEPT_PER_RUN) -> None:
@@ -37,6 +42,8 @@ def keep_results(runs_dir: Path, folder: Path, per_run: list[str] = KEPT_PER_RUN
     for name in KEPT:
         if (runs_dir / name).is_file():
             _copy(runs_dir / name, folder / name)
+    for plot in sorted(runs_dir.glob("*.png")):
+        _copy(plot, folder / plot.name)
     for name in per_run:
         for path in sorted(runs_dir.glob(f"runs/*/seed-*/{name}")):
             _copy(path, folder / path.relative_to(runs_dir))
@@ -52,7 +59,9 @@ def run_bench(recipe: Path, folder: Path, extra_args: list[str] = ()) -> dict:
     record = provenance.start()
     command = ["prefopt", "bench", str(recipe), "--no-progress", *extra_args]
     began = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
+    status = subprocess.run(command, cwd=ROOT).returncode
+    if status:  # the bench has said why on stderr; nothing is copied from a bench that did not finish
+        sys.exit(status)
     record["bench_command"] = " ".join(command)
     record["bench_wall_seconds"] = round(time.perf_counter() - began, 1)
     return record

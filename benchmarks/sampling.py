@@ -23,6 +23,7 @@ dominate. Nothing is downloaded.
 
     python benchmarks/sampling.py                  # 135M and tiny, sizes 4..256, 3 repeats
     python benchmarks/sampling.py --quick          # a few minutes: sizes 4..64, 16 new tokens, 1 repeat
+    python benchmarks/sampling.py --json benchmarks/results/sampling.json   # also the raw result
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 
 def openings(count: int) -> list[str]:
@@ -193,6 +197,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kv-gib", type=float, default=2.0, help="vLLM KV cache (block size 128 on CPU)")
     parser.add_argument("--quick", action="store_true", help="sizes 4,16,64, 16 new tokens, 1 repeat")
+    parser.add_argument("--json", type=Path, help="also write the raw result here (with command, commit and load)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.new_tokens, args.repeats = "4,16,64", 16, 1
@@ -206,6 +211,7 @@ def main() -> None:
     from prefopt.models.loading import load_tokenizer, resolve_model_path
 
     torch.set_num_threads(args.threads)
+    record = provenance.start()
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
           f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}", flush=True)
     texts = openings(max(args.sizes) // args.samples)
@@ -223,6 +229,11 @@ def main() -> None:
             report(results[-1], args)
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(json.dumps(results))
+    if args.json:
+        settings = {key: getattr(args, key) for key in ("sizes", "samples", "new_tokens", "pairs", "repeats", "threads")}
+        record.update(settings=settings, results=results)
+        provenance.finish(record, args.json)
+        print(f"-> {args.json}")
 
 
 if __name__ == "__main__":

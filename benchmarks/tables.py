@@ -630,6 +630,13 @@ def reward_model_agreement() -> tuple[str, ...]:
 
 TIE = 1e-6  # |implicit reward| below this at step 0: the policy is its reference, every held-out pair a tie
 
+def quickstart_wall() -> tuple[str, str]:
+    """Minutes and seconds of the quickstart's wall time under ``/usr/bin/time -v`` (data already built)."""
+    console = (RESULTS / "quickstart_auto" / "console.txt").read_text()
+    minutes, seconds = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):(\d+)", console).groups()
+    return minutes, seconds
+
+
 def quickstart_numbers() -> tuple[str, ...]:
     """Held-out accuracy, margin and mean VADER reward, start and end, rounded to 2 decimals.
 
@@ -648,6 +655,107 @@ def quickstart_numbers() -> tuple[str, ...]:
 
     return (two(start_accuracy), two(end["eval/rewards/accuracies"]), two(start["eval/rewards/margins"]),
             two(end["eval/rewards/margins"]), two(start["eval/reward/vader_mean"]), two(end["eval/reward/vader_mean"]))
+
+
+# The papers' claims: one folder per bench under claims/, written by benchmarks/bench_raw.py
+
+CLAIMS = "claims"
+
+
+def claim_board(bench: str) -> dict:
+    return raw(f"{CLAIMS}/{bench}/leaderboard.json")
+
+
+def claim_runs(bench: str) -> list[dict]:
+    """The bench's results.jsonl: one row per entry x seed."""
+    return [json.loads(line) for line in (RESULTS / CLAIMS / bench / "results.jsonl").read_text().splitlines()]
+
+
+def claim_run(bench: str, entry: str, seed: int) -> dict:
+    return next(row for row in claim_runs(bench) if row["entry"] == entry and row["seed"] == seed)
+
+
+def per_seed(bench: str, entry: str, key: str, digits: int) -> str:
+    """One entry's ``key`` seed by seed, in seed order: 0.671 / 0.686 / ..."""
+    seeds = claim_board(bench)["seeds"]
+    return " / ".join(f"{claim_run(bench, entry, seed)[key]:.{digits}f}" for seed in seeds)
+
+
+def paired(bench: str, mine: str, theirs: str, key: str = "reward") -> list[float]:
+    """``mine - theirs`` seed by seed. A seed fixes the training prompts, data order and LoRA init, so both
+    entries of one seed saw the same pairs: the difference is the variant's, not the draw's."""
+    return [claim_run(bench, mine, seed)[key] - claim_run(bench, theirs, seed)[key]
+            for seed in claim_board(bench)["seeds"]]
+
+
+def claim_table(bench: str, length: bool = False) -> Callable[[], str]:
+    """Each entry's mean [min, max] over seeds and its reward seed by seed; bold: the best mean reward."""
+
+    def table() -> str:
+        board = claim_board(bench)
+        best = max(e["reward"]["mean"] for e in board["entries"])
+        seeds = " / ".join(str(seed) for seed in board["seeds"])
+        rows = []
+        for e in board["entries"]:
+            cells = [e["entry"], spread(e["reward"], 3, e["reward"]["mean"] == best), spread(e["kl"], 2)]
+            cells += [spread(e["length"], 1)] if length else []
+            cells += [spread(e["accuracy"], 2), per_seed(bench, e["entry"], "reward", 3)]
+            rows.append(cells)
+        initial = board["initial"]
+        rows.append(["initial model", f"{initial['reward']:.3f}", "0", *([f"{initial['length']:.1f}"] if length else []),
+                     "–", ""])
+        header = ["entry", "reward", "KL", *(["length (tokens)"] if length else []), "held-out accuracy",
+                  f"reward, seeds {seeds}"]
+        return markdown(header, rows)
+
+    return table
+
+
+def run_summary(bench: str, entry: str, seed: int) -> dict:
+    return raw(f"{CLAIMS}/{bench}/runs/{entry}/seed-{seed}/summary.json")
+
+
+def sdpo_stages() -> str:
+    """Per seed: held-out loss and accuracy of sDPO's stage 1 (against the initial model) and stage 2 (against
+    stage 1's model). Stage 1 below log 2 and above 0.5 means it did improve on the initial model, so stage 2's
+    reference is better aligned: the mechanism the paper relies on."""
+    rows = []
+    for seed in claim_board(SDPO)["seeds"]:
+        stages = run_summary(SDPO, "sdpo-score", seed)["stages"]
+        cells = [f"{stage['eval_end'][key]:.3f}" for stage in stages for key in ("eval/loss", "eval/rewards/accuracies")]
+        rows.append([str(seed), *cells])
+    return markdown(["seed", "stage 1 loss", "stage 1 accuracy", "stage 2 loss", "stage 2 accuracy"], rows)
+
+
+def paired_numbers(bench: str, mine: str, theirs: str, key: str = "reward", digits: int = 3) -> tuple[str, ...]:
+    """``mine - theirs`` seed by seed, then their mean."""
+    differences = paired(bench, mine, theirs, key)
+    return (*(f"{d:.{digits}f}" for d in differences), f"{statistics.mean(differences):.{digits}f}")
+
+
+def strong_reference_rewards() -> tuple[str, str]:
+    """The quickstart model's held-out VADER reward at its start (the initial model) and end, as it measured them."""
+    summary = raw(f"{CLAIMS}/{MRPO}/strong-reference-summary.json")
+    return tuple(f"{summary[key]['eval/reward/vader_mean']:.3f}" for key in ("eval_start", "eval_end"))
+
+
+def length_stopping_data() -> tuple[str, ...]:
+    """Mean tokens of the chosen, then the rejected, training completions, seed by seed (labels biased to length)."""
+    seeds = claim_board(LENGTH_STOPPING)["seeds"]
+    splits = [raw(f"{CLAIMS}/{LENGTH_STOPPING}/data/seed-{seed}.json")["splits"]["train"] for seed in seeds]
+    return tuple(f"{split[key]:.1f}" for key in ("mean_chosen_tokens", "mean_rejected_tokens") for split in splits)
+
+
+def length_stopping_lengths() -> tuple[str, ...]:
+    """The initial model's completion length, then each entry's, seed by seed."""
+    initial = claim_board(LENGTH_STOPPING)["initial"]["length"]
+    lengths = [per_seed(LENGTH_STOPPING, entry, "length", 1) for entry in ("dpo-b0.1", "rdpo-b0.1", "ld-dpo-b0.1")]
+    return (f"{initial:.1f}", *(number for seeds in lengths for number in seeds.split(" / ")))
+
+
+SDPO = "sdpo-more-seeds"
+MRPO = "mrpo-strong-reference"
+LENGTH_STOPPING = "length-stopping"
 
 
 TABLES: dict[str, tuple[str, Callable[[], str]]] = {
@@ -669,6 +777,10 @@ TABLES: dict[str, tuple[str, Callable[[], str]]] = {
     "profile": (PROFILE, profile),
     "own_data": (OWN_DATA, own_data),
     "own_data_judges": (OWN_DATA, own_data_judges),
+    "claim_length_stopping": (f"{CLAIMS}/{LENGTH_STOPPING}", claim_table(LENGTH_STOPPING, length=True)),
+    "claim_sdpo": (f"{CLAIMS}/{SDPO}", claim_table(SDPO)),
+    "claim_sdpo_stages": (f"{CLAIMS}/{SDPO}", sdpo_stages),
+    "claim_mrpo": (f"{CLAIMS}/{MRPO}", claim_table(MRPO)),
 }
 
 
@@ -854,7 +966,7 @@ QUOTES = [
     Quote("length runs", BENCH_README, "`prefopt bench recipes/bench/length.yaml` trains {} entries on {} seeds.",
           lambda: (str(len(length_entries())), str(len(raw(LENGTH_BENCH)["seeds"])))),
     Quote("length evaluation", BENCH_README, "The evaluation samples up to {} new tokens for each of the {} held-out "
-          "prompts, {} sample each;", length_evaluation),
+          "prompts, {} sample each.", length_evaluation),
     Quote("length samples", BENCH_README, "Under the length bias it samples {} tokens, against {} for the initial "
           "model and {} for DPO on unbiased labels. Every seed of every entry stays within {}–{} tokens.",
           length_samples),
@@ -862,8 +974,8 @@ QUOTES = [
           length_numbers(("ld-dpo-b0.1", "kl", 1), ("dpo-unbiased", "kl", 1))),
     Quote("length reward cost", BENCH_README, "{} against {} with VADER labels.",
           length_numbers(("dpo-b0.1", "reward", 3), ("dpo-unbiased", "reward", 3))),
-    Quote("length rdpo", BENCH_README, "R-DPO recovers a little: {}.", length_numbers(("rdpo-b0.1", "reward", 3))),
-    Quote("length ld-dpo reward", BENCH_README, "LD-DPO recovers nearly all of it ({}),",
+    Quote("length rdpo", BENCH_README, "R-DPO recovers a little ({};", length_numbers(("rdpo-b0.1", "reward", 3))),
+    Quote("length ld-dpo reward", BENCH_README, "LD-DPO recovers nearly all of the reward ({}),",
           length_numbers(("ld-dpo-b0.1", "reward", 3))),
     Quote("eos shifts", BENCH_README, "DPO and R-DPO move log p(EOS) by at most {} nats. LD-DPO lowers it by {}–{} "
           "nats", eos_shift_numbers),
@@ -957,6 +1069,22 @@ QUOTES = [
     Quote("README layouts", MAIN_README, "`python benchmarks/layouts.py` on CPU measured it {}x as fast as `padded` "
           "at prompt 384 / responses 64 and {}x at prompt 64 / responses 256,", lambda: tuple(
           f"{raw(LAYOUTS)['rows'][index]['speedup']:.2f}" for index in (2, 5))),
+    Quote("length stopping data", BENCH_README, "chosen completions averaged {} / {} / {} tokens and rejected "
+          "ones {} / {} / {} (seeds 0 / 1 / 2)", length_stopping_data),
+    Quote("length stopping lengths", BENCH_README, "from the starting model's {} tokens to {} / {} / {} (DPO, seeds 0 / "
+          "1 / 2). R-DPO reached {} / {} / {}, and LD-DPO {} / {} / {}:", length_stopping_lengths),
+    Quote("length stopping rdpo", BENCH_README, "R-DPO's length minus DPO's was {} / {} / {} tokens (mean {})",
+          lambda: paired_numbers(LENGTH_STOPPING, "rdpo-b0.1", "dpo-b0.1", "length", 1)),
+    Quote("sdpo over dpo", BENCH_README, "sDPO's reward minus DPO's, seed by seed: {} / {} / {} (mean {}).",
+          lambda: paired_numbers(SDPO, "sdpo-score", "dpo")),
+    Quote("mrpo over dpo", BENCH_README, "MRPO's reward was above DPO's on every seed: by {} / {} / {} / {} "
+          "(mean {}).", lambda: paired_numbers(MRPO, "mrpo", "dpo")),
+    Quote("mrpo over strong", BENCH_README, "MRPO's reward minus that of DPO held to the stronger model alone was {} / "
+          "{} / {} / {} (mean {}):", lambda: paired_numbers(MRPO, "mrpo", "dpo-strong-ref")),
+    Quote("mrpo strong reference", BENCH_README, "its held-out VADER reward went from {} to {} in its own "
+          "evaluation", strong_reference_rewards),
+    Quote("README quickstart time", MAIN_README, "With the data already built, the run took {}:{} minutes on 2 CPU "
+          "cores", quickstart_wall),
     Quote("README quickstart", MAIN_README, "reward accuracy {} -> {}, margin {} -> {}, mean VADER reward of sampled "
           "completions {} -> {} (raw:", quickstart_numbers),
 ]

@@ -10,11 +10,14 @@ bench_raw = load_benchmark("bench_raw")
 
 def test_keeps_the_leaderboard_the_initial_evaluation_and_each_runs_curves_and_completions(tmp_path):
     runs_dir, out = tmp_path / "bench", tmp_path / "out"
-    kept = ["leaderboard.json", "leaderboard.md", "results.jsonl", "frontier.png", "initial/bench-eval.json",
+    kept = ["leaderboard.json", "leaderboard.md", "results.jsonl", "frontier.png", "length_reward.png",
+            "initial/bench-eval.json",
             "initial/bench-completions.jsonl", "runs/dpo/seed-0/metrics.jsonl", "runs/dpo/seed-0/summary.json",
-            "runs/dpo/seed-0/bench-completions.jsonl", "runs/mrpo/seed-1/metrics.jsonl"]
+            "runs/dpo/seed-0/bench-completions.jsonl", "runs/dpo/seed-0/bench-train.json",
+            "runs/mrpo/seed-1/metrics.jsonl", "runs/sdpo/seed-0/stages.json",
+            "runs/sdpo/seed-0/stages/stage-1/summary.json"]
     left = ["leaderboard.html", "runs/dpo/seed-0/model/model.safetensors", "runs/dpo/seed-0/checkpoints/step-8/x",
-            "runs/dpo/seed-0/bench-train.log"]
+            "runs/dpo/seed-0/bench-train.log", "runs/sdpo/seed-0/stages/stage-1/model/model.safetensors"]
     for name in kept + left:
         (runs_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (runs_dir / name).write_text(name)
