@@ -50,6 +50,8 @@ OWN_DATA_JUDGES = {"function": "VADER (function)", "reward_model": "reward model
                    "llm_pairwise": "SmolLM2 (llm_pairwise)"}
 RM_SUMMARY = "reward_model/summary.json"
 RM_AGREEMENT = "reward_model_agreement.json"
+CLAIMS = "claims"  # one folder per paper-claim bench, written by benchmarks/bench_raw.py
+LENGTH_STOPPING, SDPO, MRPO, DPOP = "length-stopping", "sdpo-more-seeds", "mrpo-strong-reference", "dpop-small-edits"
 
 MEMORY_GOAL = 0.6  # prefopt peak RSS <= 0.6 x TRL's leanest: the goal benchmarks/README.md states
 
@@ -659,13 +661,11 @@ def quickstart_numbers() -> tuple[str, ...]:
 
 # The papers' claims: one folder per bench under claims/, written by benchmarks/bench_raw.py
 
-CLAIMS = "claims"
-
-
 def claim_board(bench: str) -> dict:
     return raw(f"{CLAIMS}/{bench}/leaderboard.json")
 
 
+@functools.cache
 def claim_runs(bench: str) -> list[dict]:
     """The bench's results.jsonl: one row per entry x seed."""
     return [json.loads(line) for line in (RESULTS / CLAIMS / bench / "results.jsonl").read_text().splitlines()]
@@ -748,14 +748,42 @@ def length_stopping_data() -> tuple[str, ...]:
 
 def length_stopping_lengths() -> tuple[str, ...]:
     """The initial model's completion length, then each entry's, seed by seed."""
-    initial = claim_board(LENGTH_STOPPING)["initial"]["length"]
-    lengths = [per_seed(LENGTH_STOPPING, entry, "length", 1) for entry in ("dpo-b0.1", "rdpo-b0.1", "ld-dpo-b0.1")]
-    return (f"{initial:.1f}", *(number for seeds in lengths for number in seeds.split(" / ")))
+    board = claim_board(LENGTH_STOPPING)
+    return (f"{board['initial']['length']:.1f}",
+            *(f"{claim_run(LENGTH_STOPPING, entry, seed)['length']:.1f}"
+              for entry in ("dpo-b0.1", "rdpo-b0.1", "ld-dpo-b0.1") for seed in board["seeds"]))
 
 
-SDPO = "sdpo-more-seeds"
-MRPO = "mrpo-strong-reference"
-LENGTH_STOPPING = "length-stopping"
+
+def held_out_chosen_logps(bench: str, entry: str, seed: int) -> dict[int, float]:
+    """A run's summed log-prob of the held-out chosen responses at each evaluation, by step."""
+    path = RESULTS / CLAIMS / bench / "runs" / entry / f"seed-{seed}" / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {row["step"]: row["eval/logps/chosen"] for row in rows if "eval/logps/chosen" in row}
+
+
+DPOP_ENTRIES = {"dpo-b0.3": "DPO", "dpop-b0.3": "DPOP"}
+
+
+def dpop_logps() -> str:
+    """One row per entry and seed: the held-out chosen log-prob at every evaluation; bold: the last one."""
+    rows, steps = [], []
+    for entry, label in DPOP_ENTRIES.items():
+        for seed in claim_board(DPOP)["seeds"]:
+            logps = held_out_chosen_logps(DPOP, entry, seed)
+            steps = sorted(logps)
+            rows.append([f"{label}, seed {seed}", *(bold(f"{logps[step]:.1f}", step == steps[-1]) for step in steps)])
+    return markdown(["step", *(str(step) for step in steps)], rows)
+
+
+def dpop_changes() -> tuple[str, ...]:
+    """Per entry, seed by seed: the held-out chosen log-prob's change from the first evaluation to the last."""
+    changes = []
+    for entry in DPOP_ENTRIES:
+        for seed in claim_board(DPOP)["seeds"]:
+            logps = held_out_chosen_logps(DPOP, entry, seed)
+            changes.append(f"{logps[max(logps)] - logps[min(logps)]:.1f}")
+    return tuple(changes)
 
 
 TABLES: dict[str, tuple[str, Callable[[], str]]] = {
@@ -781,6 +809,8 @@ TABLES: dict[str, tuple[str, Callable[[], str]]] = {
     "claim_sdpo": (f"{CLAIMS}/{SDPO}", claim_table(SDPO)),
     "claim_sdpo_stages": (f"{CLAIMS}/{SDPO}", sdpo_stages),
     "claim_mrpo": (f"{CLAIMS}/{MRPO}", claim_table(MRPO)),
+    "claim_dpop": (f"{CLAIMS}/{DPOP}", claim_table(DPOP)),
+    "claim_dpop_logps": (f"{CLAIMS}/{DPOP}", dpop_logps),
 }
 
 
@@ -1075,6 +1105,8 @@ QUOTES = [
           "1 / 2). R-DPO reached {} / {} / {}, and LD-DPO {} / {} / {}:", length_stopping_lengths),
     Quote("length stopping rdpo", BENCH_README, "R-DPO's length minus DPO's was {} / {} / {} tokens (mean {})",
           lambda: paired_numbers(LENGTH_STOPPING, "rdpo-b0.1", "dpo-b0.1", "length", 1)),
+    Quote("dpop changes", BENCH_README, "DPO's held-out chosen log-prob changed by {} / {} nats (seeds 0 / 1), "
+          "DPOP's by {} / {}", dpop_changes),
     Quote("sdpo over dpo", BENCH_README, "sDPO's reward minus DPO's, seed by seed: {} / {} / {} (mean {}).",
           lambda: paired_numbers(SDPO, "sdpo-score", "dpo")),
     Quote("mrpo over dpo", BENCH_README, "MRPO's reward was above DPO's on every seed: by {} / {} / {} / {} "

@@ -42,3 +42,17 @@ def test_output_dir_is_the_recipes_relative_to_the_checkout(tmp_path):
     assert bench_raw.output_dir(recipe) == bench_raw.ROOT / "runs/bench/x"
     recipe.write_text(f"output:\n  dir: {tmp_path / 'abs'}\n")
     assert bench_raw.output_dir(recipe) == tmp_path / "abs"
+
+
+def test_a_bench_that_fails_exits_with_its_status_and_copies_nothing(tmp_path, monkeypatch):
+    """The bench has already said why on stderr: no traceback on top, and no raw files from an unfinished bench."""
+    import subprocess
+
+    import pytest
+
+    monkeypatch.setattr(bench_raw.provenance, "start", dict)  # git and torch are not what is tested here
+    monkeypatch.setattr(bench_raw.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, returncode=2))
+    with pytest.raises(SystemExit) as stopped:
+        bench_raw.run_bench(tmp_path / "bench.yaml", tmp_path / "out")
+    assert stopped.value.code == 2
+    assert not (tmp_path / "out").exists()
